@@ -1,0 +1,5 @@
+import sys
+
+from rxfilterd.cli import main
+
+sys.exit(main())

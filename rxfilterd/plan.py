@@ -1,0 +1,167 @@
+"""The plan: from guest filter, host state and policy, the changes to make.
+
+Pure and deterministic. Applying a plan and planning again from the resulting host
+state yields an empty plan.
+
+Where libvirt syncs the NIC itself (trusted, actual type direct), every host field
+libvirt writes gets the value libvirt would write, so the end state does not depend on
+which of the two wrote last:
+- MAC: the guest's main MAC.
+- promiscuous: guest promiscuous OR any VLAN entry at all.
+- allmulti: on for multicast "all" or an overflowed list, off for "normal" and "none".
+- multicast list: mirrored from the guest, even when it overflowed and arrives empty.
+Elsewhere an overflowed list is left alone, and a table of only VID 0 never makes
+the host promiscuous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rxfilterd.guest_filter import GuestFilter
+from rxfilterd.host_state import HostState
+from rxfilterd.policy import Field, SyncPolicy
+
+HostField = Literal["mac", "promiscuous", "allmulti", "multicast", "unicast"]
+
+
+@dataclass(frozen=True)
+class MacChange:
+    old: str
+    new: str
+    field: HostField = "mac"
+
+
+@dataclass(frozen=True)
+class FlagChange:
+    field: Literal["promiscuous", "allmulti"]
+    old: bool
+    new: bool
+
+
+@dataclass(frozen=True)
+class AddressListChange:
+    """Fdb entries to add and remove; `old`/`new` are the lists before and after."""
+
+    field: Literal["multicast", "unicast"]
+    add: frozenset[str]
+    remove: frozenset[str]
+    old: frozenset[str]
+    new: frozenset[str]
+
+
+Change = MacChange | FlagChange | AddressListChange
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A change the guest wants that the policy does not allow."""
+
+    field: Field
+    value: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    changes: tuple[Change, ...]
+    refusals: tuple[Refusal, ...]
+    # Things the host cannot do for this NIC (said once per NIC by the caller).
+    notes: tuple[str, ...]
+
+
+def make_plan(
+    guest: GuestFilter, host: HostState, policy: SyncPolicy, *, libvirt_syncs: bool
+) -> Plan:
+    changes: list[Change] = []
+    refusals: list[Refusal] = []
+    notes: list[str] = []
+    allowed = policy.fields
+
+    # MAC
+    if guest.main_mac != host.mac:
+        if "mac" not in allowed:
+            refusals.append(Refusal("mac", guest.main_mac, "mac is not in sync fields"))
+        elif not policy.mac_allowed(guest.main_mac):
+            refusals.append(Refusal("mac", guest.main_mac, "not in mac_allow"))
+        else:
+            changes.append(MacChange(host.mac, guest.main_mac))
+
+    # promiscuous: the sum of what each allowed part of the guest filter asks for.
+    passthru = host.mode == "passthru"
+    unicast_wide = guest.unicast == "all" or guest.unicast_overflow
+    if libvirt_syncs:
+        vlan_wants = bool(guest.vlan_table)
+    else:
+        vlan_wants = policy.vlan == "promiscuous" and bool(guest.vlan_table - {0})
+    reasons: dict[Field, bool] = {
+        "promiscuous": guest.promiscuous,
+        "vlan": vlan_wants,
+        # Only a passthru macvtap can receive other unicast MACs at all.
+        "unicast": passthru and unicast_wide and not libvirt_syncs,
+    }
+    want_all = any(reasons.values())
+    want_promisc = any(on for part, on in reasons.items() if part in allowed)
+    if "promiscuous" not in allowed:
+        # Without "promiscuous" the guest may widen the filter for an allowed part but
+        # never narrow what the host set.
+        want_promisc = want_promisc or host.promiscuous
+    if want_promisc != host.promiscuous:
+        changes.append(FlagChange("promiscuous", host.promiscuous, want_promisc))
+    if want_all != want_promisc:
+        part: Field = next(
+            (p for p, on in reasons.items() if on and p not in allowed), "promiscuous"
+        )
+        value = "on" if want_all else "off"
+        refusals.append(Refusal(part, f"promiscuous {value}", f"{part} is not in sync fields"))
+
+    # multicast: allmulti and the list.
+    want_allmulti = guest.multicast == "all" or guest.multicast_overflow
+    mc_changes: list[Change] = []
+    if want_allmulti != host.allmulti:
+        mc_changes.append(FlagChange("allmulti", host.allmulti, want_allmulti))
+    # An overflowed list arrives empty: mirroring it would strip every group. libvirt
+    # mirrors it anyway (allmulti covers the loss), so where it syncs, we do too.
+    mirror = libvirt_syncs or not guest.multicast_overflow
+    if mirror:
+        add = guest.multicast_table - host.multicast - host.multicast_host
+        remove = host.multicast - guest.multicast_table
+        if add or remove:
+            new = (host.multicast | add) - remove
+            mc_changes.append(AddressListChange("multicast", add, remove, host.multicast, new))
+    if "multicast" in allowed:
+        changes.extend(mc_changes)
+    elif mc_changes:
+        refusals.append(Refusal("multicast", _describe(mc_changes), "multicast not in fields"))
+
+    # unicast table: only passthru macvtaps take extra unicast fdb entries.
+    # libvirt never syncs it, so this holds for every trusted NIC.
+    if guest.unicast_table and not passthru:
+        notes.append(f"unicast table not applied: {host.mode} macvtaps cannot filter unicast")
+    if passthru and not guest.unicast_overflow and guest.unicast_table != host.unicast:
+        uc = _list_change("unicast", host.unicast, guest.unicast_table)
+        if "unicast" in allowed:
+            changes.append(uc)
+        else:
+            refusals.append(Refusal("unicast", _describe([uc]), "unicast not in fields"))
+
+    return Plan(tuple(changes), tuple(refusals), tuple(notes))
+
+
+def _list_change(
+    field: Literal["multicast", "unicast"], old: frozenset[str], new: frozenset[str]
+) -> AddressListChange:
+    return AddressListChange(field, add=new - old, remove=old - new, old=old, new=new)
+
+
+def _describe(changes: list[Change]) -> str:
+    return "; ".join(describe_change(change) for change in changes)
+
+
+def describe_change(change: Change) -> str:
+    if isinstance(change, AddressListChange):
+        parts = [f"+{mac}" for mac in sorted(change.add)]
+        parts += [f"-{mac}" for mac in sorted(change.remove)]
+        return f"{change.field} " + " ".join(parts)
+    return f"{change.field} {change.old} -> {change.new}"

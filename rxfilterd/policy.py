@@ -1,0 +1,29 @@
+"""What rxfilterd may apply for a trusted NIC: the sync policy the plan follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# The parts of a guest filter a policy can allow, by their names in the docs and config.
+Field = Literal["mac", "promiscuous", "multicast", "unicast", "vlan"]
+ALL_FIELDS: frozenset[Field] = frozenset({"mac", "promiscuous", "multicast", "unicast", "vlan"})
+
+# "promiscuous": libvirt's rule (any VLAN makes the host promiscuous) except that a
+# table of only VID 0, which every Linux guest with 8021q reports, does not.
+# "ignore": VLAN tables never change the host.
+VlanPolicy = Literal["promiscuous", "ignore"]
+VLAN_POLICIES: frozenset[str] = frozenset({"promiscuous", "ignore"})
+
+
+@dataclass(frozen=True)
+class SyncPolicy:
+    fields: frozenset[Field] = ALL_FIELDS
+    vlan: VlanPolicy = "promiscuous"
+    # MACs ("52:54:00:12:34:56") or OUI prefixes ("52:54:00"); None allows any.
+    mac_allow: tuple[str, ...] | None = field(default=None)
+
+    def mac_allowed(self, mac: str) -> bool:
+        if self.mac_allow is None:
+            return True
+        return any(mac == entry or mac.startswith(entry + ":") for entry in self.mac_allow)

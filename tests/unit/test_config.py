@@ -1,0 +1,114 @@
+"""The config file: defaults, and one clear error naming file and key for bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rxfilterd import config
+from rxfilterd.cli import main
+from rxfilterd.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rxfilterd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_is_valid_and_matches_the_defaults() -> None:
+    loaded = config.load(REPO / "etc" / "rxfilterd.toml")
+    defaults = config.Config(path=loaded.path)
+    assert dataclasses.replace(loaded, mqtt=defaults.mqtt) == defaults
+    # client_id defaults to the host name, so it is commented out in the file.
+    assert dataclasses.replace(loaded.mqtt, client_id="") == dataclasses.replace(
+        defaults.mqtt, client_id=""
+    )
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    loaded = config.load(
+        write(
+            tmp_path,
+            """
+[libvirt]
+uri = "qemu+ssh://hv/system"
+[log]
+level = "debug"
+[sync]
+fields = ["multicast"]
+mac_allow = ["52:54:00", "02:AA:BB:CC:DD:EE"]
+resync_interval = 0
+""",
+        )
+    )
+    assert loaded.libvirt.uri == "qemu+ssh://hv/system"
+    assert loaded.log.level == "debug"
+    assert loaded.sync.policy().fields == {"multicast"}
+    assert loaded.sync.mac_allow == ["52:54:00", "02:aa:bb:cc:dd:ee"]
+    assert loaded.sync.resync_interval == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[libvirt\nuri=1", "not valid TOML"),
+        ("[nope]\n", "unknown section [nope]"),
+        ("[libvirt]\nurl = 'x'\n", "libvirt.url: unknown key"),
+        ("[libvirt]\nuri = 3\n", "libvirt.uri: expected a string, got an integer"),
+        ("[log]\nlevel = 'loud'\n", "log.level: 'loud' is not one of"),
+        ("[sync]\ndry_run = 'yes'\n", "sync.dry_run: expected true or false"),
+        ("[sync]\nfields = 'mac'\n", "sync.fields: expected a list"),
+        ("[sync]\nfields = ['mac', 'ip']\n", "sync.fields[1]: 'ip' is not one of"),
+        ("[sync]\nmac_allow = ['52:54']\n", None),
+        ("[sync]\nmac_allow = ['52:5g']\n", "sync.mac_allow[0]: '52:5g' is not a MAC"),
+        ("[sync]\nresync_interval = -1\n", "sync.resync_interval: must not be negative"),
+        ("[sync]\nmax_syncs_per_second = 0\n", "sync.max_syncs_per_second: must be above 0"),
+        ("[mqtt]\nport = 70000\n", "mqtt.port"),
+        ("[mqtt]\nqos = 3\n", "mqtt.qos"),
+        ("libvirt = 1\n", "[libvirt] must be a table"),
+    ],
+)
+def test_bad_files(tmp_path: Path, text: str, message: str | None) -> None:
+    path = write(tmp_path, text)
+    if message is None:
+        config.load(path)
+        return
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "absent.toml")
+
+
+def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(tmp_path, "[log]\nlevel = 'info'\n")
+    assert main(["check-config", "--config", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sync]\nvlan = 'trunk'\n")
+    assert main(["check-config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "sync.vlan" in err[0]
+
+
+def test_run_with_a_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    bad = write(tmp_path, "[libvirt]\nuri = true\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rxfilterd", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"rxfilterd: {bad}: libvirt.uri: expected a string, got a boolean"

@@ -1,0 +1,82 @@
+"""Reading NICs from live domain XML and deciding which are synced."""
+
+from __future__ import annotations
+
+import pytest
+
+from rxfilterd.nic import Nic, classify, parse_domain_nics
+from rxfilterd.trust import Trust
+
+LIVE_XML = """
+<domain type='qemu' id='3'>
+  <name>web1</name>
+  <uuid>6f1b2c55-0000-4000-8000-000000000001</uuid>
+  <devices>
+    <interface type='direct' trustGuestRxFilters='yes'>
+      <mac address='52:54:00:00:00:01'/>
+      <source network='lan' portgroup='pg' portid='1f6d' dev='veth0' mode='bridge'/>
+      <target dev='macvtap3'/>
+      <model type='virtio'/>
+      <alias name='net0'/>
+    </interface>
+    <interface type='ethernet'>
+      <mac address='52:54:00:00:00:02'/>
+      <target dev='mvt7' managed='no'/>
+      <model type='virtio'/>
+      <alias name='net1'/>
+    </interface>
+    <interface type='bridge'>
+      <source bridge='br0'/>
+      <target dev='vnet4'/>
+      <model type='e1000'/>
+      <alias name='net2'/>
+    </interface>
+    <interface type='user'><model type='virtio'/></interface>
+  </devices>
+</domain>
+"""
+
+
+def test_parse_live_xml() -> None:
+    nics = parse_domain_nics(LIVE_XML)
+    assert [n.alias for n in nics] == ["net0", "net1", "net2"]  # no alias: not in QEMU yet
+    assert nics[0] == Nic(
+        domain="web1",
+        uuid="6f1b2c55-0000-4000-8000-000000000001",
+        alias="net0",
+        type="direct",
+        model="virtio",
+        ifname="macvtap3",
+        mac="52:54:00:00:00:01",
+        network="lan",
+        portgroup="pg",
+        portid="1f6d",
+        trust_attr=True,
+    )
+    assert nics[1].trust_attr is None and nics[1].ifname == "mvt7"
+
+
+YES = Trust(True, "interface")
+NO = Trust(False, "default")
+
+
+@pytest.mark.parametrize(
+    ("alias", "trust", "macvtap", "action", "reason", "libvirt_syncs"),
+    [
+        ("net0", YES, True, "sync", "trusted; libvirt syncs it too", True),
+        ("net0", NO, True, "skip", "untrusted", False),
+        ("net1", YES, True, "sync", "trusted", False),
+        ("net1", YES, False, "skip", "not a macvtap", False),
+        ("net2", YES, True, "skip", "not virtio", False),
+    ],
+)
+def test_classify(
+    alias: str, trust: Trust, macvtap: bool, action: str, reason: str, libvirt_syncs: bool
+) -> None:
+    nic = next(n for n in parse_domain_nics(LIVE_XML) if n.alias == alias)
+    verdict = classify(nic, trust, macvtap)
+    assert (verdict.action, verdict.reason, verdict.libvirt_syncs) == (
+        action,
+        reason,
+        libvirt_syncs,
+    )
