@@ -1,0 +1,318 @@
+"""The host-network adapter: reads and changes macvtaps over rtnetlink.
+
+The only module that imports pyroute2. One HostNetwork holds one netlink socket and
+one open /proc/net/dev_mcast for one network namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno as errnos
+import os
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from rxfilterd.host_state import HostState
+from rxfilterd.mac import from_bytes, is_multicast, parse_mac
+from rxfilterd.plan import AddressListChange, Change, FlagChange, MacChange
+
+IFF_PROMISC = 0x100
+IFF_ALLMULTI = 0x200
+NTF_SELF = 0x02
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/var/run/netns"
+
+_FLAG_BITS = {"promiscuous": IFF_PROMISC, "allmulti": IFF_ALLMULTI}
+# pyroute2 decodes the mode to a name; the raw numbers are a fallback.
+_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
+# What an errno means for a given operation, where the kernel's text is misleading.
+_HINTS = {
+    ("set mac", errnos.EADDRINUSE): "another macvlan/macvtap on the same lower device has it",
+    ("fdb add unicast", errnos.EOPNOTSUPP): "only passthru macvtaps accept unicast entries",
+}
+
+
+class MacvtapError(Exception):
+    """An operation on a host link failed."""
+
+    def __init__(
+        self,
+        ifname: str,
+        op: str,
+        errno: int | None = None,
+        detail: str | None = None,
+        *,
+        subject: str | None = None,
+        change: Change | None = None,
+    ) -> None:
+        self.ifname = ifname
+        self.op = op
+        self.errno = errno
+        self.detail = detail
+        # What the op was about (a MAC, "on"/"off"), and the Change it came from.
+        self.subject = subject
+        self.change = change
+        super().__init__(ifname, op, errno, detail)
+
+    def __str__(self) -> str:
+        parts: list[str] = []
+        if self.errno is not None:
+            parts.append(f"{_errno_name(self.errno)} ({os.strerror(self.errno)})")
+        if self.detail:
+            parts.append(self.detail)
+        op = f"{self.op} {self.subject}" if self.subject else self.op
+        return f"{self.ifname}: {op} failed: {': '.join(parts) or 'unknown error'}"
+
+
+def _errno_name(code: int) -> str:
+    # Python maps 95 to ENOTSUP; the kernel and iproute2 say EOPNOTSUPP.
+    if code == errnos.EOPNOTSUPP:
+        return "EOPNOTSUPP"
+    return errnos.errorcode.get(code, f"errno {code}")
+
+
+class HostNetwork:
+    """rtnetlink access to the macvtaps of one network namespace.
+
+    netns: a name in /var/run/netns (or a path to a netns file); None means ours.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._ipr: Any = None
+        self._mcast_fd: int | None = None
+
+    async def __aenter__(self) -> HostNetwork:
+        # dev_mcast shows the namespace of whoever opens it, and an open file keeps
+        # that view: open it once (inside the target namespace) and pread() it.
+        if self.netns is None:
+            self._mcast_fd = os.open("/proc/self/net/dev_mcast", os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            self._mcast_fd = await _open_in_netns(self.netns, "/proc/thread-self/net/dev_mcast")
+        try:
+            # flags=0: never create a namespace by accident; groups=0: request-only
+            # socket, so no unread events pile up.
+            if self.netns is None:
+                self._ipr = AsyncIPRoute(groups=0)
+            else:
+                self._ipr = AsyncIPRoute(netns=self.netns, flags=0, groups=0)
+            await self._ipr.setup_endpoint()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+        if self._mcast_fd is not None:
+            os.close(self._mcast_fd)
+            self._mcast_fd = None
+
+    async def is_macvtap(self, ifname: str) -> bool:
+        msg = await self._get_link(ifname, ifname=ifname)
+        return msg is not None and _kind_mode(msg)[0] == "macvtap"
+
+    async def read(self, ifname: str) -> HostState | None:
+        """The macvtap's filter; None if there is no such link."""
+        msg = await self._get_link(ifname, ifname=ifname)
+        if msg is None:
+            return None
+        kind, mode = _kind_mode(msg)
+        if kind != "macvtap":
+            raise MacvtapError(ifname, "read", None, f"is a {kind or 'plain'} link, not a macvtap")
+        ifindex: int = msg["index"]
+        mac = parse_mac(msg.get_attr("IFLA_ADDRESS"))
+        flags: int = msg["flags"]
+        unicast: frozenset[str] = frozenset()
+        if mode == "passthru":
+            # Other modes refuse unicast entries, so only passthru pays for the dump.
+            unicast = await self._unicast(ifname, ifindex, mac)
+        static, joined = self._multicast(ifindex)
+        return HostState(
+            ifname=ifname,
+            ifindex=ifindex,
+            mode=mode,
+            mac=mac,
+            promiscuous=bool(flags & IFF_PROMISC),
+            allmulti=bool(flags & IFF_ALLMULTI),
+            multicast=static,
+            multicast_host=joined,
+            unicast=unicast,
+        )
+
+    async def apply(self, state: HostState, changes: Sequence[Change]) -> None:
+        """Apply CHANGES in order to the link STATE was read from."""
+        if not changes:
+            return
+        msg = await self._get_link(state.ifname, index=state.ifindex)
+        if msg is None or msg.get_attr("IFLA_IFNAME") != state.ifname:
+            # Same name, new ifindex (or the index went to another link): our state
+            # describes a device that no longer exists.
+            raise MacvtapError(
+                state.ifname,
+                "apply",
+                None,
+                f"link vanished/recreated (ifindex {state.ifindex} is no longer {state.ifname})",
+            )
+        for change in changes:
+            await self._apply_one(state, change)
+
+    async def _apply_one(self, state: HostState, change: Change) -> None:
+        index = state.ifindex
+        if isinstance(change, MacChange):
+            mac = parse_mac(change.new)
+            request = self._ipr.link("set", index=index, address=mac)
+            await self._call(state.ifname, "set mac", mac, change, request)
+        elif isinstance(change, FlagChange):
+            bit = _FLAG_BITS[change.field]
+            value = "on" if change.new else "off"
+            await self._call(
+                state.ifname,
+                f"set {change.field}",
+                value,
+                change,
+                self._ipr.link("set", index=index, flags=bit if change.new else 0, change=bit),
+            )
+        elif isinstance(change, AddressListChange):
+            # Removals first: frees room before adding; each step is idempotent.
+            for command, macs, benign in (
+                ("del", change.remove, errnos.ENOENT),
+                ("add", change.add, errnos.EEXIST),
+            ):
+                for raw in sorted(macs):
+                    mac = parse_mac(raw)
+                    op = f"fdb {command} {change.field}"
+                    request = self._ipr.fdb(command, ifindex=index, lladdr=mac, flags=NTF_SELF)
+                    await self._call(state.ifname, op, mac, change, request, benign=benign)
+        else:  # pragma: no cover - Change is a closed union
+            raise TypeError(f"unknown change {change!r}")
+
+    async def _call(
+        self,
+        ifname: str,
+        op: str,
+        what: str,
+        change: Change,
+        request: Any,
+        benign: int | None = None,
+    ) -> None:
+        try:
+            await request
+        except (NetlinkError, OSError) as exc:
+            code = exc.code if isinstance(exc, NetlinkError) else exc.errno
+            if code is not None and code == benign:
+                return
+            hint = _HINTS.get((op, code)) if code is not None else None
+            raise MacvtapError(ifname, op, code, hint, subject=what, change=change) from exc
+
+    async def _get_link(self, label: str, **query: Any) -> Any:
+        """The RTM_NEWLINK reply for QUERY, or None if there is no such link."""
+        try:
+            replies = await self._ipr.link("get", **query)
+        except NetlinkError as exc:
+            if exc.code == errnos.ENODEV:
+                return None
+            raise MacvtapError(label, "get link", exc.code) from exc
+        except OSError as exc:
+            raise MacvtapError(label, "get link", exc.errno) from exc
+        return replies[0] if replies else None
+
+    def _multicast(self, ifindex: int) -> tuple[frozenset[str], frozenset[str]]:
+        """Multicast entries someone added, and those only the host stack joined.
+
+        dev_mcast columns: ifindex, name, users, global users, address (hex, no
+        colons). Only fdb/SIOCADDMULTI entries have global users.
+        """
+        assert self._mcast_fd is not None, "HostNetwork used outside 'async with'"
+        static: set[str] = set()
+        joined: set[str] = set()
+        wanted = str(ifindex)
+        for line in _pread_all(self._mcast_fd).splitlines():
+            fields = line.split()
+            if len(fields) == 5 and fields[0] == wanted:
+                mac = from_bytes(bytes.fromhex(fields[4]))
+                (static if fields[3] != "0" else joined).add(mac)
+        return frozenset(static), frozenset(joined)
+
+    async def _unicast(self, ifname: str, ifindex: int, own: str) -> frozenset[str]:
+        found = set()
+        try:
+            async for msg in await self._ipr.fdb("dump", ifindex=ifindex):
+                lladdr = msg.get_attr("NDA_LLADDR")
+                if msg["ifindex"] != ifindex or lladdr is None:
+                    continue
+                mac = parse_mac(lladdr)
+                if not is_multicast(mac) and mac != own:
+                    found.add(mac)
+        except NetlinkError as exc:
+            raise MacvtapError(ifname, "fdb dump", exc.code) from exc
+        return frozenset(found)
+
+
+def _kind_mode(msg: Any) -> tuple[str | None, str]:
+    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    if linkinfo is None:
+        return None, ""
+    kind = linkinfo.get_attr("IFLA_INFO_KIND")
+    data = linkinfo.get_attr("IFLA_INFO_DATA")
+    mode: object = None
+    if data is not None and not isinstance(data, (str, bytes)):
+        mode = data.get_attr("IFLA_MACVTAP_MODE") or data.get_attr("IFLA_MACVLAN_MODE")
+    if isinstance(mode, int):
+        mode = _MODES.get(mode, str(mode))
+    return kind, str(mode) if mode is not None else ""
+
+
+def _pread_all(fd: int) -> str:
+    # seq_file restarts at offset 0, so one open file serves every read.
+    chunks: list[bytes] = []
+    offset = 0
+    while chunk := os.pread(fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode("ascii", "replace")
+
+
+async def _open_in_netns(netns: str, path: str) -> int:
+    """Open PATH from inside NETNS, in a throwaway thread.
+
+    setns() switches only the calling thread, and a thread that leaves our namespace
+    must not go back to a pool, so it is a dedicated thread that ends right after.
+    """
+    nspath = netns if "/" in netns else os.path.join(NETNS_RUN_DIR, netns)
+    result: list[int] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            nsfd = os.open(nspath, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(nsfd, CLONE_NEWNET) != 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, f"setns {nspath}: {os.strerror(code)}")
+            finally:
+                os.close(nsfd)
+            result.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"rxfilterd-netns-{netns}", daemon=True)
+    thread.start()
+    await asyncio.to_thread(thread.join)
+    if failure:
+        raise failure[0]
+    return result[0]

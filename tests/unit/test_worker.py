@@ -1,0 +1,89 @@
+"""The coalescing worker: a burst costs one run in flight plus one follow-up."""
+
+from __future__ import annotations
+
+import asyncio
+
+from rxfilterd.worker import CoalescingWorker
+
+
+def test_burst_collapses_into_one_follow_up() -> None:
+    async def scenario() -> list[str]:
+        started = asyncio.Event()
+        release = asyncio.Event()
+        causes: list[str] = []
+
+        async def job(cause: str) -> None:
+            causes.append(cause)
+            started.set()
+            await release.wait()
+
+        worker = CoalescingWorker("nic", job)
+        worker.kick("event")
+        await started.wait()
+        for _ in range(15):  # the burst QEMU sends for one guest command
+            worker.kick("event")
+        release.set()
+        await asyncio.sleep(0.05)
+        await worker.stop()
+        return causes
+
+    assert asyncio.run(scenario()) == ["event", "event"]
+
+
+def test_min_interval_spaces_runs() -> None:
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        times: list[float] = []
+
+        async def job(_cause: str) -> None:
+            times.append(loop.time())
+
+        worker = CoalescingWorker("nic", job, min_interval=0.2)
+        for _ in range(3):
+            worker.kick("event")
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.35)
+        await worker.stop()
+        return times
+
+    times = asyncio.run(scenario())
+    assert len(times) == 2
+    assert times[1] - times[0] >= 0.19
+
+
+def test_a_failing_job_does_not_kill_the_worker() -> None:
+    async def scenario() -> int:
+        calls = 0
+
+        async def job(_cause: str) -> None:
+            nonlocal calls
+            calls += 1
+            raise RuntimeError("boom")
+
+        worker = CoalescingWorker("nic", job)
+        worker.kick("a")
+        await asyncio.sleep(0.01)
+        worker.kick("b")
+        await asyncio.sleep(0.01)
+        await worker.stop()
+        return calls
+
+    assert asyncio.run(scenario()) == 2
+
+
+def test_delayed_kick_fires_once() -> None:
+    async def scenario() -> list[str]:
+        causes: list[str] = []
+
+        async def job(cause: str) -> None:
+            causes.append(cause)
+
+        worker = CoalescingWorker("nic", job)
+        worker.kick("retry", delay=0.05)
+        worker.kick("retry", delay=0.05)
+        await asyncio.sleep(0.15)
+        await worker.stop()
+        return causes
+
+    assert asyncio.run(scenario()) == ["retry"]
