@@ -1,0 +1,187 @@
+"""Static checks of systemd/rxfilterd.service, plus `systemd-analyze verify` when available."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "rxfilterd.service"
+EXEC_START = "/usr/local/bin/rxfilterd --config /etc/rxfilterd/rxfilterd.toml"
+MAX_EXPOSURE = 2.0
+
+Unit = dict[str, dict[str, list[str]]]
+
+
+def parse_unit(text: str) -> Unit:
+    """systemd.syntax(7) subset: sections, repeated keys kept in order, '\\' continuations."""
+    unit: Unit = {}
+    section: dict[str, list[str]] | None = None
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line[0] in "#;"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        if line.startswith("[") and line.endswith("]"):
+            section = unit.setdefault(line[1:-1], {})
+            continue
+        assert section is not None, f"assignment outside a section: {line!r}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not an assignment: {line!r}"
+        section.setdefault(key.strip(), []).append(value.strip())
+    return unit
+
+
+@pytest.fixture(scope="module")
+def service() -> dict[str, list[str]]:
+    return parse_unit(UNIT.read_text())["Service"]
+
+
+@pytest.fixture(scope="module")
+def unit_section() -> dict[str, list[str]]:
+    return parse_unit(UNIT.read_text())["Unit"]
+
+
+def one(section: dict[str, list[str]], key: str) -> str:
+    values = section.get(key)
+    assert values, f"{key}= missing"
+    assert len(values) == 1, f"{key}= set {len(values)} times"
+    return values[0]
+
+
+def words(section: dict[str, list[str]], key: str) -> set[str]:
+    return {w for value in section.get(key, []) for w in value.split()}
+
+
+def test_notify_lifecycle(service: dict[str, list[str]]) -> None:
+    assert one(service, "Type") == "notify"
+    assert one(service, "NotifyAccess") == "main"
+    assert one(service, "ExecStart") == EXEC_START
+    assert one(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one(service, "Restart") == "on-failure"
+    assert one(service, "RestartSec")
+    assert one(service, "WatchdogSec") == "30s"
+
+
+def test_libvirt_ordering_is_soft(unit_section: dict[str, list[str]]) -> None:
+    daemons = {"libvirtd.service", "virtqemud.service"}
+    assert daemons <= words(unit_section, "After")
+    assert daemons <= words(unit_section, "Wants")
+    for hard in ("Requires", "Requisite", "BindsTo", "PartOf"):
+        assert not daemons & words(unit_section, hard), hard
+
+
+def test_capabilities(service: dict[str, list[str]]) -> None:
+    assert one(service, "CapabilityBoundingSet") == "CAP_NET_ADMIN"
+    # Runs as root (libvirt's rw socket); ambient caps only matter with User=.
+    assert "User" not in service and "DynamicUser" not in service
+    assert set(service.get("AmbientCapabilities", ["CAP_NET_ADMIN"])) == {"CAP_NET_ADMIN"}
+    assert one(service, "NoNewPrivileges") == "yes"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectKernelModules", "yes"),
+        ("ProtectKernelLogs", "yes"),
+        ("ProtectControlGroups", "yes"),
+        ("ProtectClock", "yes"),
+        ("ProtectHostname", "yes"),
+        ("ProtectProc", "invisible"),
+        ("RestrictNamespaces", "yes"),
+        ("RestrictRealtime", "yes"),
+        ("RestrictSUIDSGID", "yes"),
+        ("LockPersonality", "yes"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("SystemCallArchitectures", "native"),
+        ("UMask", "0077"),
+    ],
+)
+def test_hardening(service: dict[str, list[str]], key: str, value: str) -> None:
+    assert one(service, key) == value
+
+
+def test_address_families(service: dict[str, list[str]]) -> None:
+    assert words(service, "RestrictAddressFamilies") == {
+        "AF_UNIX",
+        "AF_NETLINK",
+        "AF_INET",
+        "AF_INET6",
+    }
+
+
+def test_syscall_filter(service: dict[str, list[str]]) -> None:
+    assert service["SystemCallFilter"][0] == "@system-service"
+
+
+def test_keeps_host_network_and_proc_net(service: dict[str, list[str]]) -> None:
+    # Host netns: netlink on the real macvtaps; PrivateUsers would void CAP_NET_ADMIN there.
+    assert service.get("PrivateNetwork", ["no"]) == ["no"]
+    assert service.get("PrivateUsers", ["no"]) == ["no"]
+    # subset=pid hides /proc/net/dev_mcast.
+    assert service.get("ProcSubset", ["all"]) == ["all"]
+
+
+def test_installable() -> None:
+    assert one(parse_unit(UNIT.read_text())["Install"], "WantedBy") == "multi-user.target"
+
+
+def _systemd_analyze() -> str:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze not installed (CI=true: apt-get install systemd)")
+        pytest.skip("systemd-analyze not installed")
+    return exe
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    exe = _systemd_analyze()
+    # verify errors out on a missing ExecStart program; point it at a stub, keep all else.
+    stub = tmp_path / "rxfilterd"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    text = UNIT.read_text()
+    assert f"ExecStart={EXEC_START}\n" in text
+    copy = tmp_path / UNIT.name
+    copy.write_text(text.replace("ExecStart=/usr/local/bin/rxfilterd", f"ExecStart={stub}"))
+    proc = subprocess.run(
+        [exe, "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+    )
+    output = proc.stdout + proc.stderr
+    # Unknown keys and bad values are only warnings (exit 0), so read the output.
+    problems = [line for line in output.splitlines() if UNIT.name in line]
+    assert problems == [], output
+    assert proc.returncode == 0, output
+
+
+def test_systemd_analyze_security_score() -> None:
+    exe = _systemd_analyze()
+    proc = subprocess.run(
+        [exe, "security", "--offline=true", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE, proc.stdout
