@@ -1,0 +1,309 @@
+"""The hypervisor: our libvirt connection. Nothing else imports libvirt.
+
+libvirt API calls are blocking RPCs, and `qemuMonitorCommand` waits for the domain's
+job lock, which a busy domain can hold for seconds. So libvirt's own event loop runs in
+a thread of its own, callbacks hand events to asyncio with `call_soon_threadsafe`, and
+every call runs in a worker thread. Calls that touch one domain's monitor are
+serialised per domain, so a stuck domain ties up one worker, never the event loop or
+another domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import libvirt
+import libvirt_qemu
+
+_T = TypeVar("_T")
+
+DomainChange = Literal["started", "stopped", "reboot", "device-added", "device-removed"]
+
+
+@dataclass(frozen=True)
+class RxFilterChanged:
+    uuid: str
+    domain: str
+    alias: str
+    # QEMU's own timestamp of the event, seconds since the epoch.
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class DomainChanged:
+    uuid: str
+    domain: str
+    change: DomainChange
+
+
+@dataclass(frozen=True)
+class ConnectionLost:
+    reason: str
+
+
+HypervisorEvent = RxFilterChanged | DomainChanged | ConnectionLost
+
+
+@dataclass(frozen=True)
+class RunningDomain:
+    uuid: str
+    name: str
+    xml: str
+
+
+class HypervisorError(Exception):
+    """A libvirt call that failed; `gone` when the domain or object no longer exists."""
+
+    def __init__(self, message: str, *, gone: bool = False) -> None:
+        super().__init__(message)
+        self.gone = gone
+
+
+_GONE_CODES = {
+    libvirt.VIR_ERR_NO_DOMAIN,
+    libvirt.VIR_ERR_OPERATION_INVALID,  # "domain is not running"
+    libvirt.VIR_ERR_NO_NETWORK,
+    getattr(libvirt, "VIR_ERR_NO_NETWORK_PORT", -1),
+}
+
+_LIFECYCLE: dict[int, DomainChange] = {
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "started",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "stopped",
+}
+
+_event_impl_lock = threading.Lock()
+_event_impl_started = False
+
+
+def _start_event_thread() -> None:
+    """libvirt's default event loop, once per process, in a daemon thread."""
+    global _event_impl_started
+    with _event_impl_lock:
+        if _event_impl_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_impl_started = True
+
+
+def _silence_libvirt_stderr() -> None:
+    # libvirt prints every error to stderr by default; we report them ourselves.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+class Hypervisor:
+    """One libvirt connection with its event subscriptions."""
+
+    def __init__(
+        self,
+        uri: str,
+        on_event: Callable[[HypervisorEvent], None],
+        *,
+        subscribe: bool = True,
+        workers: int = 16,
+    ) -> None:
+        self._uri = uri
+        self._on_event = on_event
+        self._subscribe = subscribe
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
+        self._conn: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._domain_locks: dict[str, asyncio.Lock] = {}
+        self._domains: dict[str, Any] = {}
+        self._lost = False
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._lost
+
+    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn, *args)
+        except libvirt.libvirtError as exc:
+            gone = exc.get_error_code() in _GONE_CODES
+            raise HypervisorError(exc.get_error_message() or str(exc), gone=gone) from None
+
+    async def connect(self) -> None:
+        """Open the connection and subscribe to the events rxfilterd needs."""
+        _silence_libvirt_stderr()
+        if self._subscribe:
+            _start_event_thread()
+        self._loop = asyncio.get_running_loop()
+        self._lost = False
+        self._domains.clear()
+        conn = await self._call(libvirt.open, self._uri)
+        self._conn = conn
+        if self._subscribe:
+            await self._call(self._register, conn)
+
+    def _register(self, conn: Any) -> None:
+        # Keepalive makes a dead libvirtd show up as a close event within ~20 s.
+        conn.setKeepAlive(5, 3)
+        conn.registerCloseCallback(self._closed, None)
+        libvirt_qemu.qemuMonitorEventRegister(
+            conn, None, "NIC_RX_FILTER_CHANGED", self._qemu_event, None, 0
+        )
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
+        )
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._reboot, None)
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._device_added, None
+        )
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._device_removed, None
+        )
+
+    # Callbacks below run on libvirt's event thread: hand over, never block.
+    def _emit(self, event: HypervisorEvent) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closing during shutdown
+                loop.call_soon_threadsafe(self._on_event, event)
+
+    def _qemu_event(
+        self, _conn: Any, dom: Any, _event: str, seconds: int, micros: int, details: Any, _o: Any
+    ) -> None:
+        alias = details.get("name") if isinstance(details, dict) else None
+        if isinstance(alias, str):
+            self._emit(RxFilterChanged(dom.UUIDString(), dom.name(), alias, seconds + micros / 1e6))
+
+    def _lifecycle(self, _conn: Any, dom: Any, event: int, _detail: int, _o: Any) -> None:
+        change = _LIFECYCLE.get(event)
+        if change is not None:
+            self._emit(DomainChanged(dom.UUIDString(), dom.name(), change))
+
+    def _reboot(self, _conn: Any, dom: Any, _o: Any) -> None:
+        self._emit(DomainChanged(dom.UUIDString(), dom.name(), "reboot"))
+
+    def _device_added(self, _conn: Any, dom: Any, _dev: str, _o: Any) -> None:
+        self._emit(DomainChanged(dom.UUIDString(), dom.name(), "device-added"))
+
+    def _device_removed(self, _conn: Any, dom: Any, _dev: str, _o: Any) -> None:
+        self._emit(DomainChanged(dom.UUIDString(), dom.name(), "device-removed"))
+
+    def _closed(self, _conn: Any, reason: int, _o: Any) -> None:
+        self._lost = True
+        names = {
+            libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
+            libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
+            libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout",
+            libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by client",
+        }
+        self._emit(ConnectionLost(names.get(reason, f"reason {reason}")))
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._domains.clear()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call(_close_quietly, conn), timeout=2)
+
+    def shutdown(self) -> None:
+        # Worker threads stuck in a libvirt call must not hold up process exit.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # Look-ups
+    async def running_domains(self) -> list[RunningDomain]:
+        return await self._call(self._running_domains)
+
+    def _running_domains(self) -> list[RunningDomain]:
+        found = []
+        for dom in self._conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                found.append(RunningDomain(dom.UUIDString(), dom.name(), dom.XMLDesc(0)))
+            except libvirt.libvirtError:
+                continue  # stopped between the list and the look-up
+            self._domains[dom.UUIDString()] = dom
+        return found
+
+    async def domain(self, uuid: str) -> RunningDomain | None:
+        """The running domain's live XML, or None if it is not running."""
+        try:
+            return await self._call(self._domain, uuid)
+        except HypervisorError as exc:
+            if exc.gone:
+                self._domains.pop(uuid, None)
+                return None
+            raise
+
+    def _domain(self, uuid: str) -> RunningDomain | None:
+        dom = self._conn.lookupByUUIDString(uuid)
+        if not dom.isActive():
+            return None
+        self._domains[uuid] = dom
+        return RunningDomain(uuid, dom.name(), dom.XMLDesc(0))
+
+    async def network_xml(self, name: str) -> str | None:
+        try:
+            return await self._call(lambda: self._conn.networkLookupByName(name).XMLDesc(0))
+        except HypervisorError as exc:
+            if exc.gone:
+                return None
+            raise
+
+    async def network_port_trust(self, network: str, portid: str) -> bool | None:
+        """libvirt's own resolved trust for a network port (libvirt >= 5.5), if any."""
+
+        def lookup() -> str:
+            net = self._conn.networkLookupByName(network)
+            return str(net.portLookupByUUIDString(portid).XMLDesc(0))
+
+        if not hasattr(libvirt.virNetwork, "portLookupByUUIDString"):
+            return None
+        try:
+            xml = await self._call(lookup)
+        except HypervisorError:
+            return None
+        return _port_trust(xml)
+
+    async def query_rx_filter(self, uuid: str, alias: str) -> str:
+        """The raw QMP reply to query-rx-filter for ALIAS (re-arms QEMU's event)."""
+        lock = self._domain_locks.setdefault(uuid, asyncio.Lock())
+        command = json.dumps({"execute": "query-rx-filter", "arguments": {"name": alias}})
+        async with lock:
+            return await self._call(self._monitor_command, uuid, command)
+
+    def _monitor_command(self, uuid: str, command: str) -> str:
+        dom = self._domains.get(uuid)
+        if dom is None:
+            dom = self._domains[uuid] = self._conn.lookupByUUIDString(uuid)
+        return str(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
+
+    def forget(self, uuid: str) -> None:
+        self._domains.pop(uuid, None)
+        self._domain_locks.pop(uuid, None)
+
+
+def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.unregisterCloseCallback()
+    conn.close()
+
+
+def _port_trust(xml: str) -> bool | None:
+    import xml.etree.ElementTree as ET
+
+    try:
+        rx = ET.fromstring(xml).find("rxfilters")
+    except ET.ParseError:
+        return None
+    if rx is None:
+        return None
+    value = rx.get("trustGuest")
+    return None if value is None else value == "yes"
