@@ -179,6 +179,12 @@ class Hypervisor:
     def _qemu_event(
         self, _conn: Any, dom: Any, _event: str, seconds: int, micros: int, details: Any, _o: Any
     ) -> None:
+        # libvirt-python hands the event's data over as a JSON string.
+        if isinstance(details, str):
+            try:
+                details = json.loads(details)
+            except ValueError:
+                return
         alias = details.get("name") if isinstance(details, dict) else None
         if isinstance(alias, str):
             self._emit(RxFilterChanged(dom.UUIDString(), dom.name(), alias, seconds + micros / 1e6))
