@@ -35,6 +35,8 @@ log = structlog.get_logger("rxfilterd")
 
 # A decision record goes to every sink (the log always; MQTT when enabled).
 DecisionSink = Callable[[dict[str, Any]], None]
+# Each NIC's current state, (domain, alias, state); None when the NIC is gone.
+StateSink = Callable[[str, str, dict[str, Any] | None], None]
 
 
 def change_fields(change: Change) -> dict[str, Any]:
@@ -75,6 +77,10 @@ class NicSync:
     worker: CoalescingWorker | None = None
     failures: int = 0
     refused: set[tuple[str, str]] = field(default_factory=set)
+    guest: dict[str, Any] | None = None
+    host: dict[str, Any] | None = None
+    last_sync: float | None = None
+    result: str = "pending"
     noted: set[str] = field(default_factory=set)
     synced_once: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -95,6 +101,7 @@ class Daemon:
         self.network = network
         self.stats = Stats()
         self.sinks: list[DecisionSink] = []
+        self.state_sinks: list[StateSink] = []
         self.on_ready: Callable[[], object] | None = None
         self.on_status: Callable[[str], object] | None = None
         self._hypervisor: Hypervisor | None = None
@@ -280,7 +287,7 @@ class Daemon:
         for alias, report in domain.reports.items():
             if old_reports.get(alias) != report:
                 self.decide(
-                    "nic",
+                    "syncing" if report.verdict.action == "sync" else "skipped",
                     domain=name,
                     alias=alias,
                     ifname=report.nic.ifname,
@@ -305,10 +312,31 @@ class Daemon:
                 )
             assert nic.worker is not None
             nic.worker.kick(cause)
-        for alias in set(domain.nics) - set(domain.reports):
+            if old_reports.get(alias) != report:
+                self._publish_nic(report, domain.nics.get(alias))
+        for alias in set(old_reports) - set(domain.reports):
             log.info("nic gone", domain=name, alias=alias)
-            self._stop_nic(domain, alias)
+            if alias in domain.nics:
+                self._stop_nic(domain, alias)
+            self._publish_gone(name, alias)
         self.stats.nics_synced = sum(len(d.nics) for d in self._domains.values())
+
+    def _publish_nic(self, report: NicReport, nic: NicSync | None) -> None:
+        if not self.state_sinks:
+            return
+        state: dict[str, Any] = {
+            **report.row(),
+            "guest": nic.guest if nic else None,
+            "host": nic.host if nic else None,
+            "last_sync": nic.last_sync if nic else None,
+            "result": nic.result if nic else "not synced",
+        }
+        for sink in self.state_sinks:
+            sink(report.nic.domain, report.nic.alias, state)
+
+    def _publish_gone(self, domain: str, alias: str) -> None:
+        for sink in self.state_sinks:
+            sink(domain, alias, None)
 
     def _stop_nic(self, domain: DomainSync, alias: str) -> None:
         nic = domain.nics.pop(alias)
@@ -321,6 +349,8 @@ class Daemon:
             return
         if domain.nics:
             log.info("domain gone", domain=domain.name, why=why, nics=sorted(domain.nics))
+        for alias in domain.reports:
+            self._publish_gone(domain.name, alias)
         workers = [n.worker for n in domain.nics.values() if n.worker is not None]
         if domain.worker is not None and asyncio.current_task() is not domain.worker._task:
             workers.append(domain.worker)
@@ -344,6 +374,8 @@ class Daemon:
             ok = await self._sync_once(nic, cause)
         finally:
             nic.synced_once.set()
+            nic.last_sync = time.time()
+            self._publish_nic(nic.report, nic)
         if ok:
             nic.failures = 0
             return
@@ -353,6 +385,7 @@ class Daemon:
             nic.worker.kick("retry", delay=delay)
 
     async def _sync_once(self, nic: NicSync, cause: str) -> bool:
+        """One query, plan and apply; False when it should be retried."""
         hypervisor = self._hypervisor
         if hypervisor is None:
             return True
@@ -362,30 +395,36 @@ class Daemon:
             "alias": report.nic.alias,
             "ifname": report.nic.ifname,
         }
+
+        def failed(stage: str, error: str, level: str = "warning", **extra: Any) -> bool:
+            self._error(f"{report.nic.domain}/{report.nic.alias}: {error}")
+            nic.result = f"failed: {error}"
+            self.decide("failed", level=level, **where, stage=stage, **extra, error=error)
+            return False
+
         self.stats.queries += 1
         try:
             reply = await hypervisor.query_rx_filter(report.nic.uuid, report.nic.alias)
         except HypervisorError as exc:
             if exc.gone:  # the domain worker cleans up after it
                 return True
-            self._error(f"{report.nic.domain}/{report.nic.alias}: query failed: {exc}")
-            self.decide("failed", level="warning", **where, stage="query", error=str(exc))
-            return False
+            return failed("query", str(exc))
         try:
             guest = parse_reply(reply, report.nic.alias)
         except GuestFilterError as exc:
             # Hostile or broken: never applied, and not retried until the guest changes.
+            nic.result = f"rejected: {exc}"
             self.decide("rejected", level="warning", **where, error=str(exc))
             return True
+        nic.guest = guest.summary()
         assert report.nic.ifname is not None
         try:
             host = await self.network.read(report.nic.ifname)
         except MacvtapError as exc:
-            self.decide("failed", level="warning", **where, stage="read", error=str(exc))
-            return False
+            return failed("read", str(exc))
         if host is None:
-            self.decide("failed", level="warning", **where, stage="read", error="macvtap is gone")
-            return False
+            return failed("read", "macvtap is gone")
+        nic.host = host.summary()
         sync = self.config.sync
         plan = make_plan(guest, host, sync.policy(), libvirt_syncs=report.verdict.libvirt_syncs)
         self.stats.syncs += 1
@@ -404,6 +443,7 @@ class Daemon:
             if note not in nic.noted:
                 nic.noted.add(note)
                 log.info("note", **where, note=note)
+        nic.result = "dry-run" if sync.dry_run and plan.changes else "ok"
         for change in plan.changes:
             if sync.dry_run:
                 self.decide("would-apply", **where, **change_fields(change), cause=cause)
@@ -411,18 +451,13 @@ class Daemon:
             try:
                 await self.network.apply(host, [change])
             except MacvtapError as exc:
-                self._error(f"{report.nic.domain}/{report.nic.alias}: {exc}")
-                self.decide(
-                    "failed",
-                    level="error",
-                    **where,
-                    stage="apply",
-                    **change_fields(change),
-                    error=str(exc),
-                )
-                return False
+                return failed("apply", str(exc), "error", **change_fields(change))
             self.stats.writes += 1
             self.decide("applied", **where, **change_fields(change), cause=cause)
+        if plan.changes and not sync.dry_run:
+            with contextlib.suppress(MacvtapError):
+                after = await self.network.read(report.nic.ifname)
+                nic.host = after.summary() if after else None
         if not plan.changes:
             log.debug("in sync", **where, cause=cause)
         return True
