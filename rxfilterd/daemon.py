@@ -308,7 +308,8 @@ class Daemon:
                 nic.worker = CoalescingWorker(
                     f"{name}/{alias}",
                     functools.partial(self._sync_nic, nic),
-                    1.0 / self.config.sync.max_syncs_per_second,
+                    rate=self.config.sync.max_syncs_per_second,
+                    burst=max(1, round(self.config.sync.max_syncs_per_second)),
                 )
             assert nic.worker is not None
             nic.worker.kick(cause)

@@ -1,8 +1,9 @@
 """A coalescing worker: runs one job when kicked, never two at once.
 
 Kicks that arrive while the job runs fold into a single follow-up run, so a burst
-of events costs one run in flight plus one after it. Runs are spaced at least
-`min_interval` apart, which bounds what a hostile guest can make the host do.
+of events costs one run in flight plus one after it. A token bucket (`rate` runs a
+second, bursts of `burst`) bounds what a hostile guest can make the host do while
+leaving an occasional change unthrottled.
 """
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ log = structlog.get_logger("rxfilterd")
 
 class CoalescingWorker:
     def __init__(
-        self, name: str, job: Callable[[str], Awaitable[None]], min_interval: float = 0.0
+        self,
+        name: str,
+        job: Callable[[str], Awaitable[None]],
+        rate: float | None = None,
+        burst: int = 1,
     ) -> None:
         self.name = name
         self._job = job
-        self._min_interval = min_interval
+        self._rate = rate
+        self._burst = max(1, burst)
+        self._tokens = float(self._burst)
+        self._refilled = time.monotonic()
         self._wake = asyncio.Event()
         self._cause = ""
-        self._last_start = -float("inf")
         self._timer: asyncio.TimerHandle | None = None
         self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
         self.runs = 0
@@ -49,17 +56,26 @@ class CoalescingWorker:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            pause = self._last_start + self._min_interval - time.monotonic()
-            if pause > 0:
-                await asyncio.sleep(pause)
+            await self._take_token()
             self._wake.clear()
             cause, self._cause = self._cause, ""
-            self._last_start = time.monotonic()
             self.runs += 1
             try:
                 await self._job(cause)
             except Exception:  # a bug must cost one run, not the worker
                 log.exception("worker job failed", worker=self.name)
+
+    async def _take_token(self) -> None:
+        if self._rate is None:
+            return
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1:
+            await asyncio.sleep((1 - self._tokens) / self._rate)
+            self._tokens = 1.0
+            self._refilled = time.monotonic()
+        self._tokens -= 1
 
     async def stop(self) -> None:
         if self._timer is not None:

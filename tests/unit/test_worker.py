@@ -31,25 +31,29 @@ def test_burst_collapses_into_one_follow_up() -> None:
     assert asyncio.run(scenario()) == ["event", "event"]
 
 
-def test_min_interval_spaces_runs() -> None:
-    async def scenario() -> list[float]:
+def test_rate_limit_allows_a_burst_then_spaces_runs() -> None:
+    async def scenario() -> tuple[list[float], float]:
         loop = asyncio.get_running_loop()
         times: list[float] = []
 
         async def job(_cause: str) -> None:
             times.append(loop.time())
 
-        worker = CoalescingWorker("nic", job, min_interval=0.2)
-        for _ in range(3):
+        worker = CoalescingWorker("nic", job, rate=5.0, burst=2)
+        for _ in range(20):  # a guest flipping as fast as it can, for ~0.5 s
+            last_kick = loop.time()
             worker.kick("event")
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.35)
+            await asyncio.sleep(0.025)
+        await asyncio.sleep(0.3)
         await worker.stop()
-        return times
+        return times, last_kick
 
-    times = asyncio.run(scenario())
-    assert len(times) == 2
-    assert times[1] - times[0] >= 0.19
+    times, last_kick = asyncio.run(scenario())
+    assert times[-1] >= last_kick  # the last state lands
+    # Never more than the bucket allows over the span (jitter can only mean fewer runs).
+    assert len(times) <= 2 + 5.0 * (times[-1] - times[0]) + 1e-6
+    # Throttled: 20 kicks became far fewer runs, and a run followed the last kick.
+    assert 3 <= len(times) < 10
 
 
 def test_a_failing_job_does_not_kill_the_worker() -> None:
