@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+# How the macvtap's lower device treats VLAN-tagged frames (see docs/filters.md):
+# "none": no VLAN filter (veth, a bridge without vlan_filtering, rx-vlan-filter off), so
+#   tagged frames reach the macvtap by MAC whatever their id; QEMU drops unwanted ids.
+# "hardware": rx-vlan-filter is on: ids nobody registered never leave the NIC.
+# "bridge": a bridge with vlan_filtering: ids missing from the bridge's own VLAN list are
+#   dropped before they reach the macvtap.
+# "unknown": could not be read (lower device in another namespace, ethtool refused).
+LowerVlanFilter = Literal["none", "hardware", "bridge", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,9 @@ class HostState:
     multicast_host: frozenset[str]
     # Unicast fdb entries (only passthru macvtaps accept them).
     unicast: frozenset[str]
+    # The lower device's name ("" when unknown) and its VLAN filtering.
+    lower: str = ""
+    lower_vlan_filter: LowerVlanFilter = "unknown"
 
     def summary(self) -> dict[str, object]:
         return {
@@ -35,4 +48,6 @@ class HostState:
             "multicast": sorted(self.multicast),
             "multicast_host": sorted(self.multicast_host),
             "unicast": sorted(self.unicast),
+            "lower": self.lower,
+            "lower_vlan_filter": self.lower_vlan_filter,
         }

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rxfilterd.hypervisor import Hypervisor, RunningDomain
-from rxfilterd.macvtap import HostNetwork
+from rxfilterd.macvtap import HostNetwork, MacvtapError
 from rxfilterd.nic import DomainXmlError, Nic, Verdict, classify, parse_domain_nics
+from rxfilterd.plan import handling
+from rxfilterd.policy import SyncPolicy
 from rxfilterd.trust import NetworkTrust, Trust, parse_network, resolve_trust
 
 
@@ -76,3 +78,22 @@ async def survey(hypervisor: Hypervisor, network: HostNetwork) -> list[NicReport
     for domain in sorted(await hypervisor.running_domains(), key=lambda d: d.name):
         reports += await survey_domain(domain, network, networks)
     return reports
+
+
+async def handling_notes(
+    report: NicReport, network: HostNetwork, policy: SyncPolicy
+) -> tuple[str, ...]:
+    """How a synced NIC's VLAN ids and unicast table land on its macvtap (for `explain`).
+
+    Read from the host and the policy only: explain never queries a guest (a query
+    taints the domain and re-arms an untrusted NIC's events).
+    """
+    if report.verdict.action != "sync" or not report.nic.ifname:
+        return ()
+    try:
+        host = await network.read(report.nic.ifname)
+    except MacvtapError as exc:
+        return (f"cannot read the macvtap: {exc}",)
+    if host is None:
+        return ("the macvtap is gone",)
+    return handling(host, policy, libvirt_syncs=report.verdict.libvirt_syncs)

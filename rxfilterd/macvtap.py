@@ -11,14 +11,16 @@ import ctypes
 import errno as errnos
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.ethtool.ioctl import IoctlEthtool
 from pyroute2.netlink.exceptions import NetlinkError
 
-from rxfilterd.host_state import HostState
+from rxfilterd.host_state import HostState, LowerVlanFilter
 from rxfilterd.mac import from_bytes, is_multicast, parse_mac
 from rxfilterd.plan import AddressListChange, Change, FlagChange, MacChange
 
@@ -27,6 +29,8 @@ IFF_ALLMULTI = 0x200
 NTF_SELF = 0x02
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"
+# How long a lower device's VLAN filtering is trusted without asking again.
+LOWER_CACHE_SECONDS = 30.0
 
 _FLAG_BITS = {"promiscuous": IFF_PROMISC, "allmulti": IFF_ALLMULTI}
 # pyroute2 decodes the mode to a name; the raw numbers are a fallback.
@@ -87,6 +91,9 @@ class HostNetwork:
         self.netns = netns
         self._ipr: Any = None
         self._mcast_fd: int | None = None
+        # Lower device ifindex -> (read at, name, VLAN filtering). Offloads change
+        # rarely and the probe costs as much as the rest of a read, so it is cached.
+        self._lower_cache: dict[int, tuple[float, str, LowerVlanFilter]] = {}
 
     async def __aenter__(self) -> HostNetwork:
         # dev_mcast shows the namespace of whoever opens it, and an open file keeps
@@ -141,6 +148,7 @@ class HostNetwork:
             # Other modes refuse unicast entries, so only passthru pays for the dump.
             unicast = await self._unicast(ifname, ifindex, mac)
         static, joined = self._multicast(ifindex)
+        lower, vlan_filter = await self._lower_vlan_filter(msg)
         return HostState(
             ifname=ifname,
             ifindex=ifindex,
@@ -151,7 +159,53 @@ class HostNetwork:
             multicast=static,
             multicast_host=joined,
             unicast=unicast,
+            lower=lower,
+            lower_vlan_filter=vlan_filter,
         )
+
+    async def _lower_vlan_filter(self, msg: Any) -> tuple[str, LowerVlanFilter]:
+        """The macvtap's lower device and whether it drops VLAN ids nobody registered.
+
+        Never raises: what cannot be read is "unknown", and the plan then falls back
+        to what is safe for the guest (promiscuous).
+        """
+        index = msg.get_attr("IFLA_LINK")
+        if not index or msg.get_attr("IFLA_LINK_NETNSID") is not None:
+            return "", "unknown"  # the lower device lives in another namespace
+        cached = self._lower_cache.get(index)
+        if cached is not None and time.monotonic() - cached[0] < LOWER_CACHE_SECONDS:
+            return cached[1], cached[2]
+        name, vlan_filter = await self._probe_lower(index)
+        now = time.monotonic()
+        if len(self._lower_cache) >= 256:  # lower devices come and go: drop stale ones
+            self._lower_cache = {
+                i: c for i, c in self._lower_cache.items() if now - c[0] < LOWER_CACHE_SECONDS
+            }
+        self._lower_cache[index] = (now, name, vlan_filter)
+        return name, vlan_filter
+
+    async def _probe_lower(self, index: int) -> tuple[str, LowerVlanFilter]:
+        try:
+            lower = await self._get_link(str(index), index=index)
+        except MacvtapError:
+            return "", "unknown"
+        if lower is None:
+            return "", "unknown"
+        name = str(lower.get_attr("IFLA_IFNAME") or "")
+        linkinfo = lower.get_attr("IFLA_LINKINFO")
+        if linkinfo is not None and linkinfo.get_attr("IFLA_INFO_KIND") == "bridge":
+            data = linkinfo.get_attr("IFLA_INFO_DATA")
+            structured = data is not None and not isinstance(data, (str, bytes))
+            if structured and data.get_attr("IFLA_BR_VLAN_FILTERING"):
+                return name, "bridge"
+        try:
+            if self.netns is None:
+                active = _rx_vlan_filter(name)
+            else:
+                active = await _in_netns(self.netns, lambda: _rx_vlan_filter(name))
+        except (OSError, ValueError, KeyError):
+            return name, "unknown"
+        return name, "hardware" if active else "none"
 
     async def apply(self, state: HostState, changes: Sequence[Change]) -> None:
         """Apply CHANGES in order to the link STATE was read from."""
@@ -286,14 +340,39 @@ def _pread_all(fd: int) -> str:
     return b"".join(chunks).decode("ascii", "replace")
 
 
+def _rx_vlan_filter(ifname: str) -> bool:
+    """Whether IFNAME's rx-vlan-filter feature is active (`ethtool -k`).
+
+    NETIF_F_HW_VLAN_CTAG_FILTER: the device drops tagged frames whose id nobody added
+    with vlan_vid_add(). A few microseconds of ioctl, so no thread for it.
+    """
+    ethtool = IoctlEthtool(ifname)
+    try:
+        for name, active, *_rest in ethtool.get_features():
+            if name == "rx-vlan-filter":
+                return bool(active)
+    except Exception as exc:  # pyroute2's EthtoolError is not an OSError
+        raise OSError(f"ethtool features of {ifname}: {exc}") from exc
+    finally:
+        ethtool.close()
+    raise KeyError("rx-vlan-filter")
+
+
 async def _open_in_netns(netns: str, path: str) -> int:
-    """Open PATH from inside NETNS, in a throwaway thread.
+    return await _in_netns(netns, lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+
+
+_T = TypeVar("_T")
+
+
+async def _in_netns(netns: str, call: Callable[[], _T]) -> _T:
+    """Run CALL inside NETNS, in a throwaway thread.
 
     setns() switches only the calling thread, and a thread that leaves our namespace
     must not go back to a pool, so it is a dedicated thread that ends right after.
     """
     nspath = netns if "/" in netns else os.path.join(NETNS_RUN_DIR, netns)
-    result: list[int] = []
+    result: list[_T] = []
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -306,7 +385,7 @@ async def _open_in_netns(netns: str, path: str) -> int:
                     raise OSError(code, f"setns {nspath}: {os.strerror(code)}")
             finally:
                 os.close(nsfd)
-            result.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            result.append(call())
         except BaseException as exc:
             failure.append(exc)
 

@@ -84,5 +84,10 @@ def classify(nic: Nic, trust: Trust, ifname_is_macvtap: bool) -> Verdict:
     if not trust.value:
         return Verdict("skip", "untrusted", False)
     libvirt_syncs = nic.type == "direct"
-    reason = "trusted; libvirt syncs it too" if libvirt_syncs else "trusted"
+    # libvirt's handler writes these whatever our policy says: say so plainly.
+    reason = (
+        "trusted; libvirt itself writes mac, promiscuous, allmulti, multicast"
+        if libvirt_syncs
+        else "trusted"
+    )
     return Verdict("sync", reason, libvirt_syncs)

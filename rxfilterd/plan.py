@@ -10,8 +10,11 @@ which of the two wrote last:
 - promiscuous: guest promiscuous OR any VLAN entry at all.
 - allmulti: on for multicast "all" or an overflowed list, off for "normal" and "none".
 - multicast list: mirrored from the guest, even when it overflowed and arrives empty.
-Elsewhere an overflowed list is left alone, and a table of only VID 0 never makes
-the host promiscuous.
+Elsewhere an overflowed list is left alone, a table of only VID 0 never makes the
+host promiscuous, and VLAN ids follow the `[sync] vlan` policy (see vlan_handling).
+
+Notes name what the host cannot do as the guest asked; the texts are stable per NIC
+(no ids or MACs in them), so the daemon's once-per-NIC logging stays once.
 """
 
 from __future__ import annotations
@@ -91,10 +94,17 @@ def make_plan(
     # promiscuous: the sum of what each allowed part of the guest filter asks for.
     passthru = host.mode == "passthru"
     unicast_wide = guest.unicast == "all" or guest.unicast_overflow
+    vlan_promisc, vlan_text = vlan_handling(host, policy, libvirt_syncs=libvirt_syncs)
+    # Noted where the outcome is not what `[sync] vlan` alone would suggest.
     if libvirt_syncs:
-        vlan_wants = bool(guest.vlan_table)
+        vlan_wants = vlan_noted = bool(guest.vlan_table)
     else:
-        vlan_wants = policy.vlan == "promiscuous" and bool(guest.vlan_table - {0})
+        # VID 0 (priority tags) is in every 8021q guest's table and needs nothing.
+        vids = guest.vlan_table - {0}
+        vlan_wants = vlan_promisc and bool(vids)
+        vlan_noted = bool(vids) and policy.vlan != "promiscuous"
+    if vlan_noted:
+        notes.append(vlan_text)
     reasons: dict[Field, bool] = {
         "promiscuous": guest.promiscuous,
         "vlan": vlan_wants,
@@ -137,8 +147,8 @@ def make_plan(
 
     # unicast table: only passthru macvtaps take extra unicast fdb entries.
     # libvirt never syncs it, so this holds for every trusted NIC.
-    if guest.unicast_table and not passthru:
-        notes.append(f"unicast table not applied: {host.mode} macvtaps cannot filter unicast")
+    if (guest.unicast_table or unicast_wide) and not passthru:
+        notes.append(unicast_handling(host, libvirt_syncs=libvirt_syncs))
     if passthru and not guest.unicast_overflow and guest.unicast_table != host.unicast:
         uc = _list_change("unicast", host.unicast, guest.unicast_table)
         if "unicast" in allowed:
@@ -147,6 +157,62 @@ def make_plan(
             refusals.append(Refusal("unicast", _describe([uc]), "unicast not in fields"))
 
     return Plan(tuple(changes), tuple(refusals), tuple(notes))
+
+
+def vlan_handling(host: HostState, policy: SyncPolicy, *, libvirt_syncs: bool) -> tuple[bool, str]:
+    """Whether guest VLAN ids other than 0 make HOST promiscuous, and the note saying so.
+
+    Pure, from the host alone, so `explain` (which never queries a guest) and the
+    daemon's notes say the same thing.
+    """
+    if libvirt_syncs:
+        return True, (
+            "vlan: promiscuous for any VLAN entry, VID 0 included: libvirt syncs this NIC"
+            " itself and rxfilterd writes what libvirt writes"
+        )
+    if policy.vlan == "ignore":
+        return False, "vlan: VLAN ids not applied ([sync] vlan = ignore)"
+    if policy.vlan == "promiscuous":
+        return True, "vlan: VLAN ids other than 0 make it promiscuous ([sync] vlan = promiscuous)"
+    lower = host.lower or "?"
+    if host.lower_vlan_filter == "none":
+        return False, (
+            f"vlan: VLAN ids pass without promiscuous: lower device {lower} has no VLAN"
+            " filter, so tagged frames reach the macvtap by MAC (QEMU drops ids the guest"
+            " did not ask for)"
+        )
+    why = {
+        "hardware": f"lower device {lower} filters VLAN ids in hardware (rx-vlan-filter on)",
+        "bridge": f"lower device {lower} is a bridge with vlan_filtering",
+        "unknown": f"cannot tell whether lower device {lower} filters VLAN ids",
+    }[host.lower_vlan_filter]
+    return True, (
+        f"vlan: promiscuous instead of VLAN ids: {why}, and no kernel interface adds"
+        " an id to it for a macvtap without taking the guest's tagged frames"
+    )
+
+
+def unicast_handling(host: HostState, *, libvirt_syncs: bool) -> str:
+    """How the guest's unicast table and unicast mode land on HOST (a note)."""
+    if host.mode == "passthru":
+        if libvirt_syncs:
+            return (
+                "unicast: table -> fdb entries; unicast 'all'/overflow not applied"
+                " (libvirt owns promiscuous for this NIC)"
+            )
+        return "unicast: table -> fdb entries; unicast 'all'/overflow -> promiscuous"
+    return (
+        f"unicast: table not applied: {host.mode or 'non-passthru'} macvtaps cannot filter"
+        " unicast (only passthru takes extra unicast addresses)"
+    )
+
+
+def handling(host: HostState, policy: SyncPolicy, *, libvirt_syncs: bool) -> tuple[str, ...]:
+    """What `explain` says about HOST's VLAN and unicast handling."""
+    return (
+        vlan_handling(host, policy, libvirt_syncs=libvirt_syncs)[1],
+        unicast_handling(host, libvirt_syncs=libvirt_syncs),
+    )
 
 
 def _list_change(

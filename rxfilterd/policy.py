@@ -12,8 +12,12 @@ ALL_FIELDS: frozenset[Field] = frozenset({"mac", "promiscuous", "multicast", "un
 # "promiscuous": libvirt's rule (any VLAN makes the host promiscuous) except that a
 # table of only VID 0, which every Linux guest with 8021q reports, does not.
 # "ignore": VLAN tables never change the host.
-VlanPolicy = Literal["promiscuous", "ignore"]
-VLAN_POLICIES: frozenset[str] = frozenset({"promiscuous", "ignore"})
+# "filter": the guest's VLAN ids are let through as far as the host can express them:
+# a lower device without a VLAN filter already passes every id, so nothing changes;
+# one that filters VLANs falls back to promiscuous, with a note (docs/filters.md says
+# why no kernel interface registers ids for a macvtap).
+VlanPolicy = Literal["promiscuous", "ignore", "filter"]
+VLAN_POLICIES: frozenset[str] = frozenset({"promiscuous", "ignore", "filter"})
 
 
 @dataclass(frozen=True)

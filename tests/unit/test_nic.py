@@ -63,7 +63,14 @@ NO = Trust(False, "default")
 @pytest.mark.parametrize(
     ("alias", "trust", "macvtap", "action", "reason", "libvirt_syncs"),
     [
-        ("net0", YES, True, "sync", "trusted; libvirt syncs it too", True),
+        (
+            "net0",
+            YES,
+            True,
+            "sync",
+            "trusted; libvirt itself writes mac, promiscuous, allmulti, multicast",
+            True,
+        ),
         ("net0", NO, True, "skip", "untrusted", False),
         ("net1", YES, True, "sync", "trusted", False),
         ("net1", YES, False, "skip", "not a macvtap", False),

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from rxfilterd.guest_filter import GuestFilter
 from rxfilterd.host_state import HostState
-from rxfilterd.plan import AddressListChange, Change, FlagChange, MacChange, make_plan
+from rxfilterd.plan import (
+    AddressListChange,
+    Change,
+    FlagChange,
+    MacChange,
+    handling,
+    make_plan,
+)
 from rxfilterd.policy import ALL_FIELDS, SyncPolicy
 
 GUEST = GuestFilter(
@@ -38,6 +45,8 @@ HOST = HostState(
     multicast=frozenset({"33:33:ff:00:00:01"}),
     multicast_host=frozenset({"33:33:00:00:00:01"}),
     unicast=frozenset(),
+    lower="veth0",
+    lower_vlan_filter="none",
 )
 
 
@@ -105,6 +114,82 @@ def test_real_vlan_makes_promiscuous_unless_ignored() -> None:
         FlagChange("promiscuous", False, True),
     )
     assert make_plan(g, HOST, SyncPolicy(vlan="ignore"), libvirt_syncs=False).changes == ()
+
+
+FILTER = SyncPolicy(vlan="filter")
+
+
+def test_filter_mode_needs_no_promiscuous_where_the_lower_device_passes_every_vid() -> None:
+    plan = make_plan(guest(vlan_table=frozenset({0, 100})), HOST, FILTER, libvirt_syncs=False)
+    assert plan.changes == ()
+    (note,) = plan.notes
+    assert "without promiscuous" in note and "veth0" in note
+
+
+@pytest.mark.parametrize(
+    ("lower_filter", "says"),
+    [("hardware", "rx-vlan-filter"), ("bridge", "vlan_filtering"), ("unknown", "cannot tell")],
+)
+def test_filter_mode_falls_back_to_promiscuous_and_says_why(lower_filter: str, says: str) -> None:
+    h = host(lower_vlan_filter=lower_filter)
+    plan = make_plan(guest(vlan_table=frozenset({0, 100})), h, FILTER, libvirt_syncs=False)
+    assert plan.changes == (FlagChange("promiscuous", False, True),)
+    (note,) = plan.notes
+    assert "promiscuous instead" in note and says in note
+    # The same text for other ids, so the daemon logs it once per NIC.
+    other = make_plan(guest(vlan_table=frozenset({7})), h, FILTER, libvirt_syncs=False)
+    assert other.notes == plan.notes
+
+
+@pytest.mark.parametrize("vlan", ["promiscuous", "ignore", "filter"])
+@pytest.mark.parametrize("lower_filter", ["none", "hardware", "bridge", "unknown"])
+def test_vid_0_alone_never_forces_promiscuous_nor_a_note(vlan: str, lower_filter: str) -> None:
+    policy = SyncPolicy(vlan=vlan)  # type: ignore[arg-type]
+    h = host(lower_vlan_filter=lower_filter)
+    plan = make_plan(guest(vlan_table=frozenset({0})), h, policy, libvirt_syncs=False)
+    assert plan.changes == () and plan.notes == ()
+
+
+def test_ignore_notes_the_ids_it_leaves_alone_and_promiscuous_does_not() -> None:
+    g = guest(vlan_table=frozenset({0, 100}))
+    ignored = make_plan(g, HOST, SyncPolicy(vlan="ignore"), libvirt_syncs=False)
+    assert ignored.changes == () and "vlan = ignore" in ignored.notes[0]
+    assert make_plan(g, HOST, SyncPolicy(), libvirt_syncs=False).notes == ()
+
+
+@pytest.mark.parametrize("vlan", ["promiscuous", "ignore", "filter"])
+def test_where_libvirt_syncs_any_vlan_entry_is_promiscuous_whatever_the_policy(vlan: str) -> None:
+    policy = SyncPolicy(vlan=vlan)  # type: ignore[arg-type]
+    plan = make_plan(guest(vlan_table=frozenset({0})), HOST, policy, libvirt_syncs=True)
+    assert plan.changes == (FlagChange("promiscuous", False, True),)
+    assert "libvirt" in plan.notes[0]
+
+
+def test_unicast_all_on_a_bridge_macvtap_is_noted_not_applied() -> None:
+    plan = make_plan(guest(unicast="all"), HOST, SyncPolicy(), libvirt_syncs=False)
+    assert plan.changes == ()
+    assert plan.notes == (
+        "unicast: table not applied: bridge macvtaps cannot filter unicast"
+        " (only passthru takes extra unicast addresses)",
+    )
+
+
+def test_unicast_overflow_on_passthru_is_promiscuous_and_keeps_the_entries() -> None:
+    h = host(mode="passthru", unicast=frozenset({"52:54:00:99:99:99"}))
+    g = guest(unicast_overflow=True, unicast_table=frozenset())
+    plan = make_plan(g, h, SyncPolicy(), libvirt_syncs=False)
+    # An overflowed table arrives empty: removing the entries would gain nothing.
+    assert plan.changes == (FlagChange("promiscuous", False, True),)
+
+
+def test_handling_describes_vlan_and_unicast_per_nic() -> None:
+    vlan, unicast = handling(HOST, FILTER, libvirt_syncs=False)
+    assert vlan.startswith("vlan: ") and "without promiscuous" in vlan
+    assert unicast.startswith("unicast: table not applied")
+    vlan, unicast = handling(host(mode="passthru"), SyncPolicy(), libvirt_syncs=False)
+    assert "other than 0" in vlan and "fdb entries" in unicast and "-> promiscuous" in unicast
+    vlan, unicast = handling(host(mode="passthru"), FILTER, libvirt_syncs=True)
+    assert "libvirt" in vlan and "libvirt owns promiscuous" in unicast
 
 
 def test_guest_promiscuous_follows_both_ways() -> None:
@@ -200,11 +285,13 @@ hosts = st.builds(
     multicast=st.frozensets(multicast_macs, max_size=8),
     multicast_host=st.frozensets(multicast_macs, max_size=3),
     unicast=st.frozensets(unicast_macs, max_size=4),
+    lower=st.just("eth0"),
+    lower_vlan_filter=st.sampled_from(["none", "hardware", "bridge", "unknown"]),
 ).filter(lambda h: not h.multicast & h.multicast_host)
 policies = st.builds(
     SyncPolicy,
     fields=st.frozensets(st.sampled_from(sorted(ALL_FIELDS))),
-    vlan=st.sampled_from(["promiscuous", "ignore"]),
+    vlan=st.sampled_from(["promiscuous", "ignore", "filter"]),
     mac_allow=st.none() | st.just(("52:54:00",)),
 )
 
