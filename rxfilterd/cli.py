@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,19 @@ def _parser() -> argparse.ArgumentParser:
         help="show, per NIC of each running domain, whether it is synced",
     )
     explain.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    explain.add_argument(
+        "--notes",
+        action="store_true",
+        help="with --json: add each synced NIC's VLAN and unicast handling as a 'notes' list"
+        " (the table always shows it)",
+    )
     explain.add_argument("domain", nargs="?", help="only this domain")
+    fleet = sub.add_parser(
+        "fleet",
+        parents=[common],
+        help="show every host's NICs from the MQTT broker's retained state",
+    )
+    fleet.add_argument("--follow", action="store_true", help="then print live events until Ctrl-C")
     return parser
 
 
@@ -70,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.path}: OK")
         return EXIT_OK
     if args.command == "explain":
-        return asyncio.run(_explain(config, args.json, args.domain))
+        return asyncio.run(_explain(config, args.json, args.domain, notes=args.notes))
+    if args.command == "fleet":
+        try:
+            return asyncio.run(_fleet(config, args.follow))
+        except KeyboardInterrupt:  # Ctrl-C before the handler is in place
+            return EXIT_OK
     return _run(config)
 
 
@@ -105,6 +124,7 @@ async def _serve(config: Config) -> int:
         daemon = Daemon(config, network)
         daemon.on_ready = notifier.ready
         daemon.on_status = notifier.status
+        publisher, publishing, publisher_stop = _start_publisher(config, daemon)
 
         def reload() -> None:
             path = config.path or config_mod.DEFAULT_PATH
@@ -123,55 +143,137 @@ async def _serve(config: Config) -> int:
             "starting", config=str(config.path), uri=config.libvirt.uri, dry_run=config.sync.dry_run
         )
         task = asyncio.create_task(daemon.run(stop))
-        watchdog = asyncio.create_task(_watchdog(notifier, daemon, stop))
+        watchdog = asyncio.create_task(_supervise(notifier, daemon, network, stop))
         await stop.wait()
         notifier.stopping()
         log.info("stopping")
+        if publisher is not None:
+            publisher.freeze()  # NICs dropped at shutdown still exist: keep their state
         try:
             await asyncio.wait_for(task, timeout=4)
         except TimeoutError:
             log.warning("shutdown timed out; in-flight work abandoned")
         watchdog.cancel()
+        if publishing is not None:
+            publisher_stop.set()
+            try:
+                # It publishes "offline" within about a second; never hold the exit longer.
+                await asyncio.wait_for(publishing, timeout=1.5)
+            except TimeoutError:
+                log.warning("mqtt: shutdown timed out; offline status not confirmed")
     return EXIT_OK
 
 
-async def _watchdog(notifier: Any, daemon: Any, stop: asyncio.Event) -> None:
-    interval = notifier.watchdog_interval()
-    if interval is None:
+def _start_publisher(
+    config: Config, daemon: Any
+) -> tuple[Any, asyncio.Task[None] | None, asyncio.Event]:
+    """With [mqtt] enabled: a Publisher wired as the daemon's sinks, and its task."""
+    stop = asyncio.Event()
+    if not config.mqtt.enabled:
+        return None, None, stop
+    from rxfilterd.publisher import Publisher
+
+    publisher = Publisher(config.mqtt)
+    daemon.sinks.append(publisher.decision)
+    daemon.state_sinks.append(publisher.nic_state)
+    on_ready = daemon.on_ready
+
+    def ready() -> None:
+        publisher.ready()
+        if on_ready is not None:
+            on_ready()
+
+    daemon.on_ready = ready
+    return publisher, asyncio.create_task(publisher.run(stop)), stop
+
+
+async def _fleet(config: Config, follow: bool) -> int:
+    from rxfilterd import fleet
+    from rxfilterd.publisher import BrokerError, FleetMessage, read_fleet
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+    live = fleet.LiveFormatter()
+
+    def snapshot(messages: list[FleetMessage]) -> None:
+        print(fleet.format_table(fleet.rows(messages)), flush=True)
+
+    def event(message: FleetMessage) -> None:
+        line = live.line(message)
+        if line is not None:
+            print(line, flush=True)
+
+    try:
+        await read_fleet(config.mqtt, follow=follow, on_snapshot=snapshot, on_live=event, stop=stop)
+    except BrokerError as exc:
+        print(f"rxfilterd: fleet: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _supervise(notifier: Any, daemon: Any, network: Any, stop: asyncio.Event) -> None:
+    """STATUS= when the summary changes; WATCHDOG=1 only while libvirt and netlink work."""
+    from rxfilterd.notify import watchdog_interval
+
+    if not notifier.enabled:
         return
+    period = watchdog_interval()
+    last_status = ""
+    last_pet = 0.0
     while not stop.is_set():
-        # Only a healthy daemon pets the watchdog: connected to libvirt, netlink open.
-        if daemon.stats.connected:
-            notifier.watchdog()
-        notifier.status(daemon.status())
-        await asyncio.sleep(interval)
+        status = daemon.status()
+        if status != last_status:
+            notifier.status(status)
+            last_status = status
+        now = time.monotonic()
+        if period is not None and now - last_pet >= period and daemon.stats.connected:
+            try:
+                # A cheap netlink round trip proves the socket still answers.
+                await asyncio.wait_for(network.is_macvtap("lo"), timeout=2)
+            except Exception:  # any failure means unhealthy: systemd restarts us
+                pass
+            else:
+                notifier.watchdog()
+                last_pet = now
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
 
 
-async def _explain(config: Config, as_json: bool, only: str | None) -> int:
+async def _explain(config: Config, as_json: bool, only: str | None, *, notes: bool = False) -> int:
     from rxfilterd.hypervisor import Hypervisor, HypervisorError
-    from rxfilterd.inventory import survey
+    from rxfilterd.inventory import handling_notes, survey
     from rxfilterd.macvtap import HostNetwork
 
     hypervisor = Hypervisor(config.libvirt.uri, lambda _event: None, subscribe=False)
     try:
         await hypervisor.connect()
         async with HostNetwork() as network:
-            reports = await survey(hypervisor, network)
+            reports = [
+                r for r in await survey(hypervisor, network) if only is None or r.nic.domain == only
+            ]
+            policy = config.sync.policy()
+            handling = [await handling_notes(r, network, policy) for r in reports]
     except HypervisorError as exc:
         print(f"rxfilterd: cannot query {config.libvirt.uri}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         await hypervisor.close()
         hypervisor.shutdown()
-    rows = [r.row() for r in reports if only is None or r.nic.domain == only]
+    rows = [r.row() for r in reports]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        # The row keys are fixed; the handling notes only go in on request.
+        out: list[dict[str, Any]] = [
+            {**row, "notes": list(n)} if notes else row
+            for row, n in zip(rows, handling, strict=True)
+        ]
+        print(json.dumps(out, indent=2))
     else:
-        print(format_table(rows))
+        print(format_table(rows, handling))
     return EXIT_OK
 
 
-def format_table(rows: list[dict[str, str]]) -> str:
+def format_table(rows: list[dict[str, str]], notes: list[tuple[str, ...]] | None = None) -> str:
+    """The explain table; NOTES (one tuple per row) becomes a last column."""
     columns = [
         "domain",
         "alias",
@@ -185,6 +287,9 @@ def format_table(rows: list[dict[str, str]]) -> str:
     ]
     if not rows:
         return "no NICs on running domains"
+    if notes is not None:
+        columns.append("notes")
+        rows = [{**row, "notes": "; ".join(n)} for row, n in zip(rows, notes, strict=True)]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
     for row in rows:

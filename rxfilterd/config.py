@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import ssl
 import tomllib
 import types
 import typing
@@ -16,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from rxfilterd.mac import MacError, parse_mac
 from rxfilterd.policy import ALL_FIELDS, Field, SyncPolicy, VlanPolicy
+from rxfilterd.policy_rule import PolicyRule, select_policy
 
 DEFAULT_PATH = Path("/etc/rxfilterd/rxfilterd.toml")
 
@@ -77,6 +79,32 @@ class MqttSettings:
     qos: int = 1
     # Events kept for the publisher while the broker is slow or away.
     queue_size: int = 1000
+    # Cap for the reconnect backoff, in seconds.
+    reconnect_max: float = 30.0
+    # Read from password_file at load time (not a config key: init=False keeps it out).
+    password: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context when any tls_* key is set; OSError/SSLError on bad files."""
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert is not None:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+
+@dataclass(frozen=True)
+class PolicyTable:
+    """One [[policy]] table as written; becomes a PolicyRule."""
+
+    name: str | None = None
+    domain: str | None = None
+    network: str | None = None
+    portgroup: str | None = None
+    fields: list[Field] | None = None
+    mac_allow: list[str] | None = None
+    vlan: VlanPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +114,13 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    policies: tuple[PolicyRule, ...] = ()
+
+    def policy_for(
+        self, domain: str, network: str | None, portgroup: str | None
+    ) -> tuple[SyncPolicy, str]:
+        """The sync policy of one NIC, and its source: "sync" or a [[policy]] name."""
+        return select_policy(self.policies, self.sync.policy(), domain, network, portgroup)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -111,20 +146,59 @@ def load(path: Path) -> Config:
 def from_dict(data: dict[str, Any], path: Path | None = None) -> Config:
     where = str(path) if path else "<config>"
     sections: dict[str, Any] = {}
+    policies: tuple[PolicyRule, ...] = ()
     for name, value in data.items():
+        if name == "policy":
+            policies = _policies(value, where)
+            continue
         if name not in _SECTIONS:
             raise ConfigError(f"{where}: unknown section [{name}]")
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: [{name}] must be a table")
         sections[name] = _build(_SECTIONS[name], value, f"{where}: {name}")
-    config = Config(path=path, **sections)
+    config = Config(path=path, policies=policies, **sections)
     _check(config, where)
     return config
 
 
+def _policies(value: Any, where: str) -> tuple[PolicyRule, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{where}: policy must be an array of tables ([[policy]])")
+    rules = []
+    names = set()
+    for index, table in enumerate(value):
+        at = f"{where}: policy[{index}]"
+        raw: PolicyTable = _build(PolicyTable, table, at)
+        name = raw.name or f"policy[{index}]"
+        if name in names:
+            raise ConfigError(f"{at}.name: {name!r} is used twice")
+        names.add(name)
+        if raw.fields is None and raw.mac_allow is None and raw.vlan is None:
+            raise ConfigError(f"{at}: sets none of fields, mac_allow, vlan")
+        if raw.fields is not None and len(set(raw.fields)) != len(raw.fields):
+            raise ConfigError(f"{at}.fields: lists a field twice")
+        mac_allow = None
+        if raw.mac_allow is not None:
+            mac_allow = tuple(
+                _mac_or_prefix(e, f"{at}.mac_allow[{i}]") for i, e in enumerate(raw.mac_allow)
+            )
+        rules.append(
+            PolicyRule(
+                name=name,
+                domain=raw.domain,
+                network=raw.network,
+                portgroup=raw.portgroup,
+                fields=frozenset(raw.fields) if raw.fields is not None else None,
+                mac_allow=mac_allow,
+                vlan=raw.vlan,
+            )
+        )
+    return tuple(rules)
+
+
 def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in values.items():
         if key not in known:
@@ -197,10 +271,47 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: mqtt.qos: must be 0, 1 or 2")
     if mqtt.queue_size < 1:
         raise ConfigError(f"{where}: mqtt.queue_size: must be at least 1")
-    if not mqtt.topic_prefix or any(c in mqtt.topic_prefix for c in "#+"):
-        raise ConfigError(f"{where}: mqtt.topic_prefix: must be non-empty, without # or +")
+    _check_mqtt(mqtt, where)
+
+
+def _check_mqtt(mqtt: MqttSettings, where: str) -> None:
+    prefix = mqtt.topic_prefix
+    # Empty levels ("a//b", a trailing "/") and "$" topics (reserved for brokers) are
+    # legal MQTT but break the <prefix>/+/... subscriptions the fleet view relies on.
+    if not prefix or any(c in prefix for c in "#+\0") or "" in prefix.split("/"):
+        raise ConfigError(
+            f"{where}: mqtt.topic_prefix: must be non-empty, without #, + or empty levels"
+        )
+    if prefix.startswith("$"):
+        raise ConfigError(f"{where}: mqtt.topic_prefix: must not start with $")
+    # client_id is one topic level: <prefix>/<client_id>/...
+    if not mqtt.client_id or any(c in mqtt.client_id for c in "/#+\0"):
+        raise ConfigError(f"{where}: mqtt.client_id: must be non-empty, without /, # or +")
     if (mqtt.tls_cert is None) != (mqtt.tls_key is None):
         raise ConfigError(f"{where}: mqtt.tls_cert and mqtt.tls_key go together")
+    if mqtt.password_file is not None:
+        if mqtt.username is None:
+            raise ConfigError(f"{where}: mqtt.password_file: needs mqtt.username")
+        try:
+            text = Path(mqtt.password_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(
+                f"{where}: mqtt.password_file: cannot read {mqtt.password_file}: {reason}"
+            ) from None
+        # One line; the newline an editor or `echo` adds is not part of the password.
+        password = text.rstrip("\r\n")
+        if not password:
+            raise ConfigError(f"{where}: mqtt.password_file: {mqtt.password_file} is empty")
+        object.__setattr__(mqtt, "password", password)
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = getattr(mqtt, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{where}: mqtt.{key}: {value} is not a readable file")
+    try:
+        mqtt.ssl_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{where}: mqtt.tls_*: cannot set up TLS: {exc}") from None
 
 
 def _mac_or_prefix(entry: str, where: str) -> str:

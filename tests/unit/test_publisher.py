@@ -1,0 +1,214 @@
+"""The pure parts of the MQTT publisher: topics, the event queue, state, fleet output."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rxfilterd import config, fleet
+from rxfilterd.cli import main
+from rxfilterd.config import ConfigError, MqttSettings
+from rxfilterd.publisher import (
+    EventQueue,
+    FleetMessage,
+    ParsedTopic,
+    Publisher,
+    TopicError,
+    Topics,
+    parse_topic,
+    topic_segment,
+    unescape_segment,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "segment"),
+    [
+        ("web1", "web1"),
+        ("net0", "net0"),
+        ("a/b", "a%2Fb"),
+        ("+", "%2B"),
+        ("#", "%23"),
+        ("50%", "50%25"),
+        ("nul\0", "nul%00"),
+        ("ünïcode dom", "ünïcode dom"),
+    ],
+)
+def test_topic_segment_escapes_what_mqtt_gives_meaning(name: str, segment: str) -> None:
+    assert topic_segment(name) == segment
+    assert unescape_segment(segment) == name
+
+
+def test_empty_name_is_rejected() -> None:
+    with pytest.raises(TopicError):
+        topic_segment("")
+
+
+@given(st.text(min_size=1))
+def test_segments_are_single_levels_and_round_trip(name: str) -> None:
+    segment = topic_segment(name)
+    assert not set(segment) & set("/+#\0")
+    assert unescape_segment(segment) == name
+
+
+def test_topics_and_parsing() -> None:
+    topics = Topics("site/rxfilterd", "hv1")
+    assert topics.status == "site/rxfilterd/hv1/status"
+    assert topics.events == "site/rxfilterd/hv1/events"
+    assert topics.nic("a/b", "net0") == "site/rxfilterd/hv1/nic/a%2Fb/net0"
+    prefix = "site/rxfilterd"
+    assert parse_topic(prefix, topics.status) == ParsedTopic("hv1", "status")
+    assert parse_topic(prefix, topics.events) == ParsedTopic("hv1", "events")
+    assert parse_topic(prefix, topics.nic("a/b", "net0")) == ParsedTopic(
+        "hv1", "nic", "a/b", "net0"
+    )
+    for foreign in ("other/hv1/status", "site/rxfilterd/hv1/nic/x", "site/rxfilterd/hv1/what"):
+        assert parse_topic(prefix, foreign) is None
+
+
+def test_queue_drops_the_oldest_and_counts() -> None:
+    q = EventQueue(3)
+    for i in range(5):
+        q.put({"n": i})
+    assert q.dropped == 2 and len(q) == 3
+    assert [q.get(), q.get(), q.get(), q.get()] == [{"n": 2}, {"n": 3}, {"n": 4}, None]
+
+
+def test_a_failed_publish_goes_back_in_front_unless_newer_filled_the_queue() -> None:
+    q = EventQueue(2)
+    q.put({"n": 1})
+    q.put({"n": 2})
+    item = q.get()
+    assert item == {"n": 1}
+    q.unget(item)
+    assert q.get() == {"n": 1} and q.dropped == 0
+    q.put({"n": 3})  # the queue is full again while {"n": 1} was in flight
+    q.unget({"n": 1})
+    assert q.dropped == 1 and [q.get(), q.get()] == [{"n": 2}, {"n": 3}]
+
+
+def test_sinks_never_wait_and_state_is_coalesced_per_nic() -> None:
+    publisher = Publisher(MqttSettings(client_id="hv1", queue_size=10))
+    started = time.monotonic()
+    for i in range(1000):
+        publisher.decision({"event": "applied", "time": 0.0, "domain": "d", "alias": "net0"})
+        publisher.nic_state("d", "net0", {"result": f"ok {i}"})
+    assert time.monotonic() - started < 1
+    assert len(publisher.events) == 10 and publisher.events.dropped == 990
+    assert publisher.state("d", "net0") == {"result": "ok 999", "schema": 1}
+    publisher.nic_state("d", "net0", None)
+    assert publisher.state("d", "net0") is None
+    publisher.nic_state("", "net0", {"result": "ok"})  # not a topic level: logged, skipped
+    assert publisher.state("", "net0") is None
+
+
+def test_frozen_publisher_keeps_the_last_state() -> None:
+    publisher = Publisher(MqttSettings(client_id="hv1"))
+    publisher.nic_state("d", "net0", {"result": "ok"})
+    publisher.freeze()
+    publisher.nic_state("d", "net0", None)  # the daemon drops every NIC as it stops
+    assert publisher.state("d", "net0") == {"result": "ok", "schema": 1}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rxfilterd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_password_file_is_read_at_load(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    loaded = config.load(write(tmp_path, f'[mqtt]\nusername = "rx"\npassword_file = "{secret}"\n'))
+    assert loaded.mqtt.password == "s3cret"
+    assert "s3cret" not in repr(loaded)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[mqtt]\nusername = "rx"\npassword_file = "/nonexistent/pw"\n', "mqtt.password_file"),
+        ('[mqtt]\npassword_file = "/etc/hostname"\n', "needs mqtt.username"),
+        ('[mqtt]\nclient_id = "a/b"\n', "mqtt.client_id"),
+        ('[mqtt]\nclient_id = ""\n', "mqtt.client_id"),
+        ('[mqtt]\ntopic_prefix = "a//b"\n', "mqtt.topic_prefix"),
+        ('[mqtt]\ntopic_prefix = "rx/"\n', "mqtt.topic_prefix"),
+        ('[mqtt]\ntopic_prefix = "$SYS"\n', "mqtt.topic_prefix"),
+        ('[mqtt]\ntls_ca = "/nonexistent/ca.pem"\n', "mqtt.tls_ca"),
+        ('[mqtt]\ntls_ca = "/etc/hostname"\n', "mqtt.tls_"),
+        ('[mqtt]\npassword = "inline"\n', "mqtt.password: unknown key"),
+    ],
+)
+def test_bad_mqtt_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("$", r"\$")):
+        config.load(write(tmp_path, text))
+
+
+def test_unreadable_password_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[mqtt]\nusername = "rx"\npassword_file = "/nonexistent/pw"\n')
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "mqtt.password_file" in capsys.readouterr().err
+    assert main(["fleet", "--config", str(path)]) == 2
+
+
+def msg(topic: ParsedTopic, payload: bytes) -> FleetMessage:
+    return FleetMessage(topic, payload, True)
+
+
+def test_fleet_rows() -> None:
+    state = (
+        b'{"ifname":"macvtap3","trust":"yes","trust_source":"network","action":"sync",'
+        b'"host":{"mac":"52:54:00:aa:bb:cc"},"result":"ok","last_sync":0}'
+    )
+    table = fleet.rows(
+        [
+            msg(ParsedTopic("hv2", "status"), b'{"status":"offline"}'),
+            msg(ParsedTopic("hv1", "nic", "web/1", "net0"), state),
+            msg(ParsedTopic("hv1", "status"), b"online"),  # plain text is understood too
+            msg(ParsedTopic("hv3", "nic", "x", "net0"), b"not json"),
+        ]
+    )
+    assert [(r["host"], r["status"], r["domain"]) for r in table] == [
+        ("hv1", "online", "web/1"),
+        ("hv2", "offline", ""),
+        ("hv3", "?", "x"),
+    ]
+    assert table[0]["mac"] == "52:54:00:aa:bb:cc" and table[0]["trust_source"] == "network"
+    assert table[0]["last_sync"]  # a local time
+    out = fleet.format_table(table)
+    assert out.splitlines()[0].split()[:3] == ["HOST", "STATUS", "DOMAIN"]
+    assert fleet.format_table([]).startswith("no rxfilterd hosts")
+
+
+def test_fleet_event_lines() -> None:
+    live = fleet.LiveFormatter()
+    events = ParsedTopic("hv1", "events")
+    applied = (
+        b'{"event":"applied","time":0,"domain":"web1","alias":"net0","ifname":"macvtap3",'
+        b'"field":"mac","old":"52:54:00:00:00:01","new":"52:54:00:00:00:02","dropped":0}'
+    )
+    line = live.line(msg(events, applied))
+    assert line is not None
+    assert "hv1  applied  web1/net0  macvtap3  mac 52:54:00:00:00:01 -> 52:54:00:00:00:02" in line
+    multicast = (
+        b'{"event":"applied","domain":"d","alias":"net0","field":"multicast",'
+        b'"added":["33:33:00:00:00:fb"],"removed":[],"dropped":3}'
+    )
+    line = live.line(msg(events, multicast))
+    assert line is not None and "multicast +33:33:00:00:00:fb" in line
+    assert "[3 events dropped" in line
+    skipped = b'{"event":"skipped","domain":"d","alias":"net1","reason":"untrusted","dropped":3}'
+    line = live.line(msg(events, skipped))
+    assert line is not None and "untrusted" in line and "dropped" not in line
+    failed = b'{"event":"failed","domain":"d","alias":"net0","stage":"apply","error":"EBUSY"}'
+    line = live.line(msg(events, failed))
+    assert line is not None and "apply: EBUSY" in line
+    assert live.line(msg(ParsedTopic("hv1", "nic", "d", "net0"), b"{}")) is None
+    status = live.line(msg(ParsedTopic("hv1", "status"), b'{"status":"offline"}'))
+    assert status is not None and "hv1  status  offline" in status
