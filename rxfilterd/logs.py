@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -31,7 +32,9 @@ def configure(level: str = "info", fmt: LogFormat = "auto", stream: TextIO | Non
         structlog.processors.format_exc_info,
     ]
     if fmt == "journal":
-        processors.append(journal.JournalRenderer())
+        # The override lets tests receive the datagrams on a socket of their own.
+        path = os.environ.get("RXFILTERD_JOURNAL_SOCKET", journal.JOURNAL_SOCKET)
+        processors.append(journal.JournalRenderer(journal.JournalSender(path)))
     elif fmt == "json":
         processors += [
             structlog.processors.TimeStamper(fmt="iso", utc=True),

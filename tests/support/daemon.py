@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,29 +39,65 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 class RunningDaemon:
     """`python -m rxfilterd --config FILE` with JSON logs captured to a file."""
 
-    def __init__(self, workdir: Path, sync: dict[str, Any] | None = None, *extra: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sync: dict[str, Any] | None = None,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        log_format: str = "json",
+        sections: dict[str, dict[str, Any]] | None = None,
+        raw: str = "",
+        wrap: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
         self.config = write_config(
             workdir / "rxfilterd.toml",
-            {"log": {"level": "debug", "format": "json"}, "sync": sync or {}},
+            {
+                "log": {"level": "debug", "format": log_format},
+                "sync": sync or {},
+                **(sections or {}),
+            },
         )
+        if raw:  # TOML that write_config cannot express, such as [[policy]] arrays
+            self.config.write_text(self.config.read_text() + "\n" + raw)
         self.log_path = workdir / "rxfilterd.log"
         self.extra = extra
+        self.env = env or {}
+        # A command to run rxfilterd under, e.g. setpriv to drop a capability.
+        self.wrap = list(wrap)
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_seconds: float | None = None
 
     def start(self) -> RunningDaemon:
         log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+        env.update(self.env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rxfilterd", "--config", str(self.config), *self.extra],
+            [
+                *self.wrap,
+                sys.executable,
+                "-m",
+                "rxfilterd",
+                "--config",
+                str(self.config),
+                *self.extra,
+            ],
             stdout=log,
             stderr=log,
             env=env,
         )
         log.close()
-        self.wait_for(lambda r: r.get("event") == "connected", 30, "connected to libvirt")
+        if self.log_format_is_json():
+            self.wait_for(lambda r: r.get("event") == "connected", 30, "connected to libvirt")
         return self
+
+    def log_format_is_json(self) -> bool:
+        return '\nformat = "json"' in self.config.read_text()
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
 
     def stop(self) -> int:
         """SIGTERM; returns the exit status. Must exit within 5 s."""
