@@ -1,0 +1,96 @@
+"""rxfilterd exactly as `python -m rxfilterd` runs it, plus counters for the benchmarks.
+
+Two additions, both outside the sync path's logic:
+- SIGUSR1 logs a ``bench-stats`` line with the daemon's own Stats (queries, writes,
+  syncs, NICs synced), and so does the end of Daemon.run;
+- with RXFB_TRACE=1 in the environment, every query-rx-filter, host read and apply is
+  logged (``bench-query``, ``bench-read``, ``bench-apply``) with its start and end time,
+  whatever the log level, so a benchmark can split a sync into its steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from rxfilterd import cli
+from rxfilterd.daemon import Daemon
+from rxfilterd.host_state import HostState
+from rxfilterd.hypervisor import Hypervisor
+from rxfilterd.macvtap import HostNetwork
+from rxfilterd.plan import Change
+
+log = structlog.get_logger("rxfilterd.bench")
+
+_query = Hypervisor.query_rx_filter
+_read = HostNetwork.read
+_apply = HostNetwork.apply
+_run = Daemon.run
+
+
+async def _traced_query(self: Hypervisor, uuid: str, alias: str) -> str:
+    t0 = time.time()
+    try:
+        return await _query(self, uuid, alias)
+    finally:
+        log.warning("bench-query", uuid=uuid, alias=alias, t0=t0, t1=time.time())
+
+
+async def _traced_read(self: HostNetwork, ifname: str) -> HostState | None:
+    t0 = time.time()
+    try:
+        return await _read(self, ifname)
+    finally:
+        log.warning("bench-read", ifname=ifname, t0=t0, t1=time.time())
+
+
+async def _traced_apply(self: HostNetwork, state: HostState, changes: Sequence[Change]) -> None:
+    t0 = time.time()
+    try:
+        await _apply(self, state, changes)
+    finally:
+        fields = [c.field for c in changes]
+        log.warning("bench-apply", ifname=state.ifname, fields=fields, t0=t0, t1=time.time())
+
+
+def _report(daemon: Daemon) -> None:
+    s = daemon.stats
+    log.warning(
+        "bench-stats",
+        t=time.time(),
+        queries=s.queries,
+        writes=s.writes,
+        syncs=s.syncs,
+        nics_synced=s.nics_synced,
+    )
+
+
+async def _reporting_run(self: Daemon, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, _report, self)
+    try:
+        await _run(self, stop)
+    finally:
+        _report(self)
+
+
+def main(argv: list[str] | None = None) -> int:
+    patches: dict[tuple[Any, str], Any] = {(Daemon, "run"): _reporting_run}
+    if os.environ.get("RXFB_TRACE") == "1":
+        patches[Hypervisor, "query_rx_filter"] = _traced_query
+        patches[HostNetwork, "read"] = _traced_read
+        patches[HostNetwork, "apply"] = _traced_apply
+    for (owner, name), replacement in patches.items():
+        setattr(owner, name, replacement)
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

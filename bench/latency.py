@@ -1,0 +1,376 @@
+"""Latency from QEMU's NIC_RX_FILTER_CHANGED to the host macvtap showing the new MAC.
+
+One guest, two trusted NICs: net0 is type='ethernet' on a macvtap we made (only
+rxfilterd syncs it), net1 is type='direct' (libvirt's own handler syncs it). The guest
+changes one MAC at a time; the start is the QEMU timestamp carried by the event (our own
+qemuMonitorEventRegister subscription), the end is the kernel's RTM_NEWLINK notification
+with the new address (our own RTNLGRP_LINK socket, stamped on arrival).
+
+rxfilterd runs only while its NIC is measured and is stopped while libvirt's is, so the
+libvirt figures are libvirt alone (rxfilterd would race it on the direct NIC). The two
+paths alternate in blocks, in each /sys/kernel/rcu_expedited mode asked for; the original
+mode is restored at the end.
+
+    .venv/bin/python -m bench.latency [--changes 50] [--blocks 5] [--modes 0,1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    BenchDaemon,
+    EventMonitor,
+    LinkMonitor,
+    LinkSample,
+    RcuMode,
+    check_prefix,
+    loadavg,
+    machine,
+    other_rxfilterd,
+    out_dir,
+    require_stack,
+    summary_ms,
+    write_json,
+)
+from tests.support.guest import (
+    DirectNic,
+    EthernetNic,
+    Guest,
+    Resources,
+    cleanup_leftovers,
+    link_show,
+    prefixed,
+)
+
+MAC_ETHERNET = "52:54:00:fb:00:01"
+MAC_DIRECT = "52:54:00:fb:00:02"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # "rxfilterd" or "libvirt"
+    rcu_expedited: int
+    block: int
+    mac: str
+    qemu_time: float | None
+    event_received: float | None
+    host_time: float | None
+    others_running: int  # other engineers' rxfilterd processes seen at the change
+    # rxfilterd's steps (from its trace lines), seconds since the epoch
+    query_start: float | None = None
+    query_end: float | None = None
+    read_end: float | None = None
+    apply_start: float | None = None
+    apply_end: float | None = None
+
+    @property
+    def latency(self) -> float | None:
+        if self.qemu_time is None or self.host_time is None:
+            return None
+        return self.host_time - self.qemu_time
+
+    @property
+    def event_hop(self) -> float | None:
+        if self.qemu_time is None or self.event_received is None:
+            return None
+        return self.event_received - self.qemu_time
+
+
+def with_steps(samples: list[Sample], records: list[dict[str, Any]]) -> list[Sample]:
+    """Attach rxfilterd's query/read/apply times to each of its samples."""
+    queries = [r for r in records if r.get("event") == "bench-query" and r.get("alias") == "net0"]
+    reads = [r for r in records if r.get("event") == "bench-read"]
+    applies = [r for r in records if r.get("event") == "bench-apply" and "mac" in r["fields"]]
+    out = []
+    for s in samples:
+        if s.qemu_time is None:
+            out.append(s)
+            continue
+        q = next((r for r in queries if r["t0"] >= s.qemu_time), None)
+        rd = next((r for r in reads if q is not None and r["t0"] >= q["t1"]), None)
+        a = next(
+            (r for r in applies if q is not None and q["t1"] <= r["t0"] <= q["t1"] + 0.5), None
+        )
+        out.append(
+            replace(
+                s,
+                query_start=q["t0"] if q else None,
+                query_end=q["t1"] if q else None,
+                read_end=rd["t1"] if rd else None,
+                apply_start=a["t0"] if a else None,
+                apply_end=a["t1"] if a else None,
+            )
+        )
+    return out
+
+
+def steps(samples: list[Sample]) -> dict[str, Any]:
+    """rxfilterd's latency split into its steps (ms summaries)."""
+    parts: dict[str, list[float]] = {
+        "event_to_query_start": [],
+        "query": [],
+        "host_read": [],
+        "plan_to_apply_start": [],
+        "apply_start_to_host_notification": [],
+    }
+    for s in samples:
+        # Another rxfilterd may have written the MAC first: such a sample has no steps.
+        if s.others_running or None in (
+            s.qemu_time,
+            s.query_start,
+            s.query_end,
+            s.read_end,
+            s.apply_start,
+        ):
+            continue
+        assert s.qemu_time and s.query_start and s.query_end and s.read_end and s.apply_start
+        parts["event_to_query_start"].append(s.query_start - s.qemu_time)
+        parts["query"].append(s.query_end - s.query_start)
+        parts["host_read"].append(s.read_end - s.query_end)
+        parts["plan_to_apply_start"].append(s.apply_start - s.read_end)
+        if s.host_time is not None:
+            parts["apply_start_to_host_notification"].append(s.host_time - s.apply_start)
+    return {k: summary_ms(v) for k, v in parts.items()}
+
+
+class Macs:
+    def __init__(self) -> None:
+        self._n = itertools.count(0x100)
+
+    def next(self, nic: int) -> str:
+        n = next(self._n)
+        return f"52:54:00:{0xF0 + nic:02x}:{n >> 8 & 0xFF:02x}:{n & 0xFF:02x}"
+
+
+def measure(
+    guest: Guest,
+    dev: str,
+    alias: str,
+    ifindex: int,
+    path: str,
+    count: int,
+    *,
+    rcu: int,
+    block: int,
+    macs: Macs,
+    nic: int,
+    events: EventMonitor,
+    links: LinkMonitor,
+    settle: float,
+    mine: list[int],
+) -> list[Sample]:
+    samples = []
+    for _ in range(count):
+        mac = macs.next(nic)
+        others = len(other_rxfilterd(mine))
+        started = time.time()
+        guest.run(f"ip link set {dev} address {mac}")
+
+        def shows(s: LinkSample, mac: str = mac, t: float = started) -> bool:
+            return s.ifindex == ifindex and s.address == mac and s.time >= t
+
+        seen = links.wait(shows, timeout=10)
+        firsts = events.of(guest.name, alias, since=started)
+        first = min(firsts, key=lambda e: e.qemu_time) if firsts else None
+        samples.append(
+            Sample(
+                path,
+                rcu,
+                block,
+                mac,
+                first.qemu_time if first else None,
+                first.received if first else None,
+                seen.time if seen else None,
+                others,
+            )
+        )
+        time.sleep(settle)  # let follow-up events (multicast) and their syncs finish
+    return samples
+
+
+def query_rtts(guest: Guest, alias: str, count: int) -> list[float]:
+    """Round trips of query-rx-filter from a plain blocking client (no asyncio, no pool)."""
+    rtts = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        guest.query_rx_filter(alias)
+        rtts.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    return rtts
+
+
+def report(samples: list[Sample], modes: list[int], rtts: dict[int, list[float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for rcu in modes:
+        mode: dict[str, Any] = {"client_query_rtt_ms": summary_ms(rtts.get(rcu, []))}
+        for path in ("rxfilterd", "libvirt"):
+            mine = [s for s in samples if s.path == path and s.rcu_expedited == rcu]
+            lat = [x for s in mine if (x := s.latency) is not None]
+            clean = [x for s in mine if (x := s.latency) is not None and s.others_running == 0]
+            hop = [x for s in mine if (x := s.event_hop) is not None]
+            mode[path] = {
+                "latency_ms": summary_ms(lat),
+                "latency_ms_no_other_rxfilterd": summary_ms(clean),
+                "event_hop_ms": summary_ms(hop),
+                "missing": len(mine) - len(lat),
+                "samples_with_other_rxfilterd": sum(1 for s in mine if s.others_running),
+                "steps_ms": steps(mine) if path == "rxfilterd" else {},
+            }
+        diff = {}
+        for key in ("p50", "p95", "p99"):
+            a = mode["rxfilterd"]["latency_ms"].get(key)
+            b = mode["libvirt"]["latency_ms"].get(key)
+            if a is not None and b is not None:
+                diff[key] = round(a - b, 2)
+        mode["rxfilterd_minus_libvirt_ms"] = diff
+        out[f"rcu_expedited={rcu}"] = mode
+    return out
+
+
+def print_report(result: dict[str, Any]) -> None:
+    for mode, data in result.items():
+        print(f"\n{mode}")
+        rtt = data["client_query_rtt_ms"]
+        print(
+            f"  query-rx-filter round trip, plain client: p50={rtt.get('p50')} p95={rtt.get('p95')}"
+        )
+        for path in ("rxfilterd", "libvirt"):
+            d = data[path]
+            lat = d["latency_ms"]
+            hop = d["event_hop_ms"]
+            print(
+                f"  {path:9s} n={lat.get('n')} p50={lat.get('p50')} p95={lat.get('p95')}"
+                f" p99={lat.get('p99')} max={lat.get('max')} ms"
+                f" | event hop p50={hop.get('p50')} ms | missing={d['missing']}"
+                f" | samples with another rxfilterd running={d['samples_with_other_rxfilterd']}"
+            )
+            clean = d["latency_ms_no_other_rxfilterd"]
+            if clean.get("n"):
+                print(
+                    f"  {'':9s} without other rxfilterd: n={clean['n']} p50={clean['p50']}"
+                    f" p95={clean['p95']} p99={clean['p99']} ms"
+                )
+        print(f"  rxfilterd - libvirt: {data['rxfilterd_minus_libvirt_ms']} ms")
+        for step, st in data["rxfilterd"]["steps_ms"].items():
+            if st.get("n"):
+                print(f"    rxfilterd step {step:34s} p50={st['p50']} p95={st['p95']} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--changes", type=int, default=50, help="per path and RCU mode")
+    parser.add_argument("--blocks", type=int, default=5, help="alternations per mode")
+    parser.add_argument("--modes", default="0,1", help="rcu_expedited values, in order")
+    parser.add_argument("--settle", type=float, default=0.5, help="seconds between changes")
+    parser.add_argument(
+        "--no-trace",
+        dest="trace",
+        action="store_false",
+        help="do not log rxfilterd's steps (query, read, apply) to split its latency",
+    )
+    parser.add_argument("--out", help="directory for the JSON results and logs")
+    args = parser.parse_args()
+    check_prefix()
+    require_stack()
+    modes = [int(m) for m in args.modes.split(",")]
+    out = out_dir("latency", args.out)
+    events = EventMonitor()  # first: it starts libvirt's event loop before any connection
+    links = LinkMonitor()
+    rcu = RcuMode()
+    cleanup_leftovers()
+    stack = Resources()
+    samples: list[Sample] = []
+    rtts: dict[int, list[float]] = {}
+    phases: list[dict[str, Any]] = []
+    info = machine()
+    print(f"machine: {info}")
+    try:
+        mvt = stack.veth_macvtap("le", mac=MAC_ETHERNET)
+        stack.veth(prefixed("lda"), prefixed("ldb"))
+        guest = stack.guest(
+            prefixed("lat"),
+            [
+                EthernetNic(mvt.name, mac=MAC_ETHERNET, trust=True),
+                DirectNic(prefixed("lda"), mac=MAC_DIRECT, trust=True),
+            ],
+        )
+        direct = guest.interfaces()[1].target_dev
+        assert direct is not None
+        shown = link_show(direct)
+        assert shown is not None
+        links.watch(mvt.ifindex)
+        links.watch(int(shown["ifindex"]))
+        macs = Macs()
+        per_block = [
+            args.changes // args.blocks + (1 if i < args.changes % args.blocks else 0)
+            for i in range(args.blocks)
+        ]
+        for mode in modes:
+            rcu.set(mode)
+            for block, n in enumerate(per_block):
+                common: dict[str, Any] = {
+                    "rcu": mode,
+                    "block": block,
+                    "macs": macs,
+                    "events": events,
+                    "links": links,
+                    "settle": args.settle,
+                }
+                load_before = loadavg()
+                workdir = out / f"daemon-rcu{mode}-b{block}"
+                with BenchDaemon(workdir, trace=args.trace) as daemon:
+                    daemon.wait_ready()
+                    ours = measure(
+                        guest, "eth0", "net0", mvt.ifindex, "rxfilterd", n,
+                        nic=0, mine=[daemon.pid], **common,
+                    )  # fmt: skip
+                samples += with_steps(ours, daemon.records())
+                samples += measure(
+                    guest, "eth1", "net1", int(shown["ifindex"]), "libvirt", n,
+                    nic=1, mine=[], **common,
+                )  # fmt: skip
+                # net0: nobody else syncs it while rxfilterd is stopped.
+                rtts.setdefault(mode, []).extend(query_rtts(guest, "net0", n))
+                phases.append(
+                    {"rcu": mode, "block": block, "loadavg_before": load_before,
+                     "loadavg_after": loadavg()}
+                )  # fmt: skip
+                print(f"rcu_expedited={mode} block {block}: {n}+{n} changes, load {loadavg()}")
+    finally:
+        rcu.restore()
+        try:
+            stack.close()
+        finally:
+            cleanup_leftovers()
+            events.close()
+            links.close()
+    result = report(samples, modes, rtts)
+    for mode in modes:
+        loads = [p for p in phases if p["rcu"] == mode]
+        for path in ("rxfilterd", "libvirt"):
+            result[f"rcu_expedited={mode}"][path]["loadavg"] = sorted(
+                {p["loadavg_before"] for p in loads} | {p["loadavg_after"] for p in loads}
+            )
+    print_report(result)
+    print(f"\nrcu_expedited restored to {rcu.original}; netlink overruns: {links.overruns}")
+    write_json(
+        out / "latency.json",
+        {
+            "machine": info,
+            "args": vars(args),
+            "result": result,
+            "phases": phases,
+            "samples": [asdict(s) | {"latency": s.latency} for s in samples],
+        },
+    )
+    print(f"results: {Path(out) / 'latency.json'}")
+
+
+if __name__ == "__main__":
+    main()
