@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,9 @@ log = structlog.get_logger("rxfilterd")
 
 # A decision record goes to every sink (the log always; MQTT when enabled).
 DecisionSink = Callable[[dict[str, Any]], None]
+# What libvirt's own handler writes on the NICs it syncs, whatever our policy says.
+LIBVIRT_WRITES = ("mac", "promiscuous", "allmulti", "multicast")
+
 # Each NIC's current state, (domain, alias, state); None when the NIC is gone.
 StateSink = Callable[[str, str, dict[str, Any] | None], None]
 
@@ -51,6 +55,15 @@ def change_fields(change: Change) -> dict[str, Any]:
     return {"field": change.field, "old": change.old, "new": change.new}
 
 
+# At shutdown a sync in flight gets this long to finish before it is abandoned (a
+# netlink write takes milliseconds; a query to a stuck domain may never return).
+SHUTDOWN_GRACE = 1.5
+# After a failed query, how long libvirt gets to notice that the domain went away.
+QUERY_SETTLE = 0.25
+# Ready (sd_notify) waits at most this long for every NIC's first sync.
+READY_WAIT = 10.0
+
+
 @dataclass
 class Stats:
     connected: bool = False
@@ -60,9 +73,16 @@ class Stats:
     writes: int = 0
     last_error: str = ""
     last_error_time: float = 0.0
+    # Wall-clock time libvirt went away; None while connected (or never lost).
+    away_since: float | None = None
 
     def summary(self, nics: int) -> str:
-        state = "connected" if self.connected else "not connected to libvirt"
+        if self.connected:
+            state = "connected"
+        elif self.away_since is not None:
+            state = f"libvirt away for {time.time() - self.away_since:.0f} s, reconnecting"
+        else:
+            state = "not connected to libvirt"
         line = f"{state}; {nics} NICs synced; {self.writes} changes applied"
         if self.last_error:
             line += f"; last error: {self.last_error}"
@@ -105,13 +125,23 @@ class Daemon:
         self.on_ready: Callable[[], object] | None = None
         self.on_status: Callable[[str], object] | None = None
         self._hypervisor: Hypervisor | None = None
-        self._events: asyncio.Queue[HypervisorEvent] = asyncio.Queue()
+        # Events tagged with the connection generation they came from.
+        self._events: asyncio.Queue[tuple[int, HypervisorEvent]] = asyncio.Queue()
         self._domains: dict[str, DomainSync] = {}
         self._generation = 0
         self._ready = False
+        self._ready_task: asyncio.Task[None] | None = None
+        # Every worker we made and have not yet told to stop, and those stopping: the
+        # bookkeeping that proves nothing is left behind for a NIC or domain that went.
+        self._workers: set[CoalescingWorker] = set()
+        self._stopping: set[CoalescingWorker] = set()
+        self._away_attempts = 0
+        self._shutting_down = False
 
     # Decisions: one structured log line each, and the same record to every sink.
     def decide(self, event: str, *, level: str = "info", **fields: Any) -> None:
+        # ACTION is what the decision was, for `journalctl ACTION=applied`.
+        fields.setdefault("action", event)
         getattr(log, level)(event, **fields)
         record = {"event": event, "time": time.time(), **fields}
         for sink in self.sinks:
@@ -129,52 +159,94 @@ class Daemon:
         self.config = config
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 1.0
-        while not stop.is_set():
-            self._generation += 1
-            generation = self._generation
-            hypervisor = Hypervisor(
-                self.config.libvirt.uri, functools.partial(self._on_event, generation)
-            )
-            try:
-                await hypervisor.connect()
-            except HypervisorError as exc:
-                self._error(f"cannot connect to {self.config.libvirt.uri}: {exc}")
-                log.warning(
-                    "libvirt unreachable",
-                    uri=self.config.libvirt.uri,
-                    error=str(exc),
-                    retry_in=backoff,
+        backoff = first_backoff = min(1.0, self.config.libvirt.reconnect_max)
+        cause = "start"
+        try:
+            while not stop.is_set():
+                self._generation += 1
+                hypervisor = Hypervisor(
+                    self.config.libvirt.uri, functools.partial(self._on_event, self._generation)
                 )
-                hypervisor.shutdown()
-                self._publish_status()
-                await _wait(stop, backoff)
-                backoff = min(backoff * 2, self.config.libvirt.reconnect_max)
-                continue
-            backoff = 1.0
-            self._hypervisor = hypervisor
-            self.stats.connected = True
+                try:
+                    await hypervisor.connect()
+                except HypervisorError as exc:
+                    await hypervisor.close()
+                    hypervisor.shutdown()
+                    self._error(f"cannot connect to {self.config.libvirt.uri}: {exc}")
+                    self._away(f"cannot connect: {exc}", retry_in=backoff)
+                    self._publish_status()
+                    await _wait(stop, backoff)
+                    backoff = min(backoff * 2, self.config.libvirt.reconnect_max)
+                    continue
+                connected_at = time.monotonic()
+                self._back()
+                self._hypervisor = hypervisor
+                self.stats.connected = True
+                lost: str | None = None
+                try:
+                    lost = await self._serve(hypervisor, stop, cause)
+                finally:
+                    self.stats.connected = False
+                    self._shutting_down = stop.is_set()
+                    await self._drop_all("stopping" if stop.is_set() else "disconnected")
+                    self._hypervisor = None
+                    await hypervisor.close()
+                    hypervisor.shutdown()
+                if lost is not None:
+                    self._publish_status()
+                    cause = "reconnect"
+                    # A connection that held a while reconnects at once; one that keeps
+                    # dropping right after connecting keeps backing off.
+                    if time.monotonic() - connected_at >= self.config.libvirt.reconnect_max:
+                        backoff = first_backoff
+                    else:
+                        await _wait(stop, backoff)
+                        backoff = min(backoff * 2, self.config.libvirt.reconnect_max)
+        finally:
+            if self._ready_task is not None:
+                self._ready_task.cancel()
+            self._publish_status()
+
+    def _away(self, reason: str, retry_in: float) -> None:
+        """Say once that libvirt is away; each further failed attempt only at debug."""
+        self._away_attempts += 1
+        if self.stats.away_since is None:
+            self.stats.away_since = time.time()
+            self._away_attempts = 0
+            log.warning("libvirt away", uri=self.config.libvirt.uri, reason=reason)
+        else:
+            log.debug(
+                "libvirt still away",
+                uri=self.config.libvirt.uri,
+                reason=reason,
+                attempt=self._away_attempts,
+                retry_in=retry_in,
+            )
+
+    def _back(self) -> None:
+        if self.stats.away_since is None:
             log.info("connected", uri=self.config.libvirt.uri)
-            try:
-                await self._serve(hypervisor, stop)
-            finally:
-                self.stats.connected = False
-                await self._drop_all()
-                self._hypervisor = None
-                await hypervisor.close()
-                hypervisor.shutdown()
-                self._publish_status()
+            return
+        away = time.time() - self.stats.away_since
+        self.stats.away_since = None
+        log.info(
+            "libvirt back",
+            uri=self.config.libvirt.uri,
+            away_seconds=round(away, 1),
+            attempts=self._away_attempts,
+        )
+        log.debug("connected", uri=self.config.libvirt.uri)
 
     def _on_event(self, generation: int, event: HypervisorEvent) -> None:
         if generation == self._generation:  # events of an old connection are stale
-            self._events.put_nowait(event)
+            self._events.put_nowait((generation, event))
 
-    async def _serve(self, hypervisor: Hypervisor, stop: asyncio.Event) -> None:
-        await self._reconcile_all("start")
-        if not self._ready:
-            self._ready = True
-            if self.on_ready is not None:
-                self.on_ready()
+    async def _serve(self, hypervisor: Hypervisor, stop: asyncio.Event, cause: str) -> str | None:
+        """Sync everything, then follow events; the reason if the connection is lost."""
+        await self._reconcile_all(cause)
+        if not self._ready and self._ready_task is None:
+            # Not awaited here: a stuck domain must not hold up events for the others.
+            self._ready_task = asyncio.get_running_loop().create_task(self._announce_ready())
         self._publish_status()
         interval = self.config.sync.resync_interval
         next_resync = time.monotonic() + interval if interval > 0 else None
@@ -193,17 +265,31 @@ class Daemon:
                         interval = self.config.sync.resync_interval
                         next_resync = time.monotonic() + interval if interval > 0 else None
                     continue
-                event = get.result()
+                generation, event = get.result()
+                if generation != self._generation:
+                    continue  # queued by a connection that is gone
                 if isinstance(event, ConnectionLost):
                     self._error(f"libvirt connection lost: {event.reason}")
-                    log.warning("libvirt connection lost", reason=event.reason)
-                    return
+                    self._away(event.reason, retry_in=0)  # before the clean-up lines
+                    return event.reason
                 self._dispatch(event)
         finally:
             stop_wait.cancel()
+        return None
+
+    async def _announce_ready(self) -> None:
+        """Ready once every synced NIC had its first sync (or a failure logged)."""
+        waits = [nic.synced_once.wait() for d in self._domains.values() for nic in d.nics.values()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), timeout=READY_WAIT)
+        self._ready = True
+        if self.on_ready is not None:
+            self.on_ready()
 
     def _dispatch(self, event: HypervisorEvent) -> None:
         if isinstance(event, RxFilterChanged):
+            log.debug("rx-filter event", domain=event.domain, alias=event.alias)
             domain = self._domains.get(event.uuid)
             nic = domain.nics.get(event.alias) if domain else None
             if nic is not None and nic.worker is not None:
@@ -212,8 +298,10 @@ class Daemon:
                 # A NIC we have not seen (hot-plugged, or a domain just started).
                 self._domain_worker(event.uuid, event.domain).kick("event")
         elif isinstance(event, DomainChanged):
+            log.info("domain event", domain=event.domain, change=event.change, detail=event.detail)
             if event.change == "stopped":
-                asyncio.get_running_loop().create_task(self._drop_domain(event.uuid, "stopped"))
+                # At once, not in a task: a start right behind it must find a clean slate.
+                self._drop_domain(event.uuid, f"stopped ({event.detail})")
             elif event.change == "reboot":
                 # QEMU restores the MAC and clears the tables on reset without an event.
                 domain = self._domains.get(event.uuid)
@@ -221,6 +309,7 @@ class Daemon:
                     if nic.worker is not None:
                         nic.worker.kick("reset")
             else:
+                # Started (booted, restored, migrated in), resumed, or a NIC came or went.
                 self._domain_worker(event.uuid, event.domain).kick(event.change)
 
     def _domain_worker(self, uuid: str, name: str) -> CoalescingWorker:
@@ -228,12 +317,48 @@ class Daemon:
         if domain is None:
             domain = self._domains[uuid] = DomainSync(uuid, name)
         if domain.worker is None:
-
-            async def job(cause: str) -> None:
-                await self._reconcile_domain(uuid, cause)
-
-            domain.worker = CoalescingWorker(f"domain {name}", job)
+            domain.worker = self._worker(
+                f"domain {name}", functools.partial(self._reconcile_domain, domain)
+            )
         return domain.worker
+
+    def _worker(
+        self,
+        name: str,
+        job: Callable[[str], Awaitable[None]],
+        rate: float | None = None,
+        burst: int = 1,
+    ) -> CoalescingWorker:
+        worker = CoalescingWorker(name, job, rate=rate, burst=burst)
+        self._workers.add(worker)
+        return worker
+
+    def _retire(self, workers: list[CoalescingWorker], grace: float = 0.0) -> asyncio.Task[None]:
+        """Stop WORKERS (in a task: callers may be one of their jobs)."""
+        for worker in workers:
+            self._workers.discard(worker)
+            self._stopping.add(worker)
+
+        async def stop_all() -> None:
+            try:
+                await asyncio.gather(*(w.stop(grace) for w in workers))
+            finally:
+                self._stopping.difference_update(workers)
+                self._log_tracking()
+
+        return asyncio.get_running_loop().create_task(stop_all())
+
+    def _log_tracking(self) -> None:
+        """What is tracked now; `orphans` (workers no domain or NIC owns) must be 0."""
+        owned = {d.worker for d in self._domains.values() if d.worker is not None}
+        owned |= {n.worker for d in self._domains.values() for n in d.nics.values() if n.worker}
+        log.debug(
+            "tracking",
+            domains={d.name: sorted(d.nics) for d in self._domains.values()},
+            workers=len(self._workers),
+            stopping=len(self._stopping),
+            orphans=len(self._workers - owned),
+        )
 
     async def _reconcile_all(self, cause: str) -> None:
         """Re-read every running domain and sync every trusted NIC."""
@@ -247,54 +372,63 @@ class Daemon:
             return
         networks = NetworkCache(hypervisor)
         seen = set()
-        for domain in running:
-            seen.add(domain.uuid)
-            self._domain_worker(domain.uuid, domain.name)
+        for found in running:
+            seen.add(found.uuid)
+            self._domain_worker(found.uuid, found.name)
+            domain = self._domains[found.uuid]
             try:
-                reports = await survey_domain(domain, self.network, networks)
+                reports = await survey_domain(found, self.network, networks)
             except (HypervisorError, MacvtapError) as exc:
-                log.warning("cannot read domain", domain=domain.name, error=str(exc))
+                log.warning("cannot read domain", domain=found.name, error=str(exc))
                 continue
-            self._update_domain(domain.uuid, domain.name, reports, cause)
+            if self._domains.get(found.uuid) is domain:
+                self._update_domain(domain, found.name, reports, cause)
         for uuid in set(self._domains) - seen:
-            await self._drop_domain(uuid, "not running")
-        # Ready means every synced NIC had its first sync (or a failure logged).
-        waits = [nic.synced_once.wait() for d in self._domains.values() for nic in d.nics.values()]
-        if waits:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waits), timeout=10)
+            self._drop_domain(uuid, "not running")
 
-    async def _reconcile_domain(self, uuid: str, cause: str) -> None:
+    async def _reconcile_domain(self, domain: DomainSync, cause: str) -> None:
         hypervisor = self._hypervisor
         if hypervisor is None:
             return
         try:
-            domain = await hypervisor.domain(uuid)
-            if domain is None:
-                await self._drop_domain(uuid, "not running")
+            found = await hypervisor.domain(domain.uuid)
+            if found is None:
+                self._drop_domain(domain.uuid, "not running")
                 return
-            reports = await survey_domain(domain, self.network, NetworkCache(hypervisor))
+            reports = await survey_domain(found, self.network, NetworkCache(hypervisor))
         except (HypervisorError, MacvtapError) as exc:
-            self._error(f"reading domain {uuid}: {exc}")
-            log.warning("cannot read domain", uuid=uuid, error=str(exc))
+            self._error(f"reading domain {domain.uuid}: {exc}")
+            log.warning("cannot read domain", uuid=domain.uuid, error=str(exc))
             return
-        self._update_domain(uuid, domain.name, reports, cause)
+        # Dropped (stopped) while we were reading it: what we read is already stale.
+        if self._domains.get(domain.uuid) is domain:
+            self._update_domain(domain, found.name, reports, cause)
 
-    def _update_domain(self, uuid: str, name: str, reports: list[NicReport], cause: str) -> None:
-        domain = self._domains.setdefault(uuid, DomainSync(uuid, name))
+    def _update_domain(
+        self, domain: DomainSync, name: str, reports: list[NicReport], cause: str
+    ) -> None:
         domain.name = name
         old_reports, domain.reports = domain.reports, {r.nic.alias: r for r in reports}
         for alias, report in domain.reports.items():
             if old_reports.get(alias) != report:
+                extra: dict[str, Any] = {}
+                if report.verdict.action == "sync":
+                    policy, source = self.config.policy_for(
+                        name, report.nic.network, report.nic.portgroup
+                    )
+                    extra = {"policy": source, "fields": sorted(policy.fields)}
+                    if report.verdict.libvirt_syncs:
+                        # Said at start so nobody expects the policy to bind libvirt.
+                        extra["libvirt_writes"] = list(LIBVIRT_WRITES)
                 self.decide(
                     "syncing" if report.verdict.action == "sync" else "skipped",
                     domain=name,
                     alias=alias,
                     ifname=report.nic.ifname,
-                    action=report.verdict.action,
                     reason=report.verdict.reason,
                     trust=report.trust.word,
                     trust_source=report.trust.source,
+                    **extra,
                 )
             nic = domain.nics.get(alias)
             if report.verdict.action != "sync":
@@ -305,7 +439,7 @@ class Daemon:
                 if nic is not None:
                     self._stop_nic(domain, alias)
                 nic = domain.nics[alias] = NicSync(report)
-                nic.worker = CoalescingWorker(
+                nic.worker = self._worker(
                     f"{name}/{alias}",
                     functools.partial(self._sync_nic, nic),
                     rate=self.config.sync.max_syncs_per_second,
@@ -321,6 +455,8 @@ class Daemon:
                 self._stop_nic(domain, alias)
             self._publish_gone(name, alias)
         self.stats.nics_synced = sum(len(d.nics) for d in self._domains.values())
+        if set(old_reports) != set(domain.reports):
+            self._log_tracking()
 
     def _publish_nic(self, report: NicReport, nic: NicSync | None) -> None:
         if not self.state_sinks:
@@ -342,28 +478,33 @@ class Daemon:
     def _stop_nic(self, domain: DomainSync, alias: str) -> None:
         nic = domain.nics.pop(alias)
         if nic.worker is not None:
-            asyncio.get_running_loop().create_task(nic.worker.stop())
+            self._retire([nic.worker])
 
-    async def _drop_domain(self, uuid: str, why: str) -> None:
+    def _drop_domain(self, uuid: str, why: str, grace: float = 0.0) -> asyncio.Task[None] | None:
+        """Forget a domain and everything of it now; its workers stop in a task."""
         domain = self._domains.pop(uuid, None)
         if domain is None:
-            return
+            return None
         if domain.nics:
-            log.info("domain gone", domain=domain.name, why=why, nics=sorted(domain.nics))
+            # Our own disconnect or shutdown is no news about the domain itself.
+            level = "debug" if why in ("disconnected", "stopping") else "info"
+            getattr(log, level)(
+                "domain gone", domain=domain.name, why=why, nics=sorted(domain.nics)
+            )
         for alias in domain.reports:
             self._publish_gone(domain.name, alias)
         workers = [n.worker for n in domain.nics.values() if n.worker is not None]
-        if domain.worker is not None and asyncio.current_task() is not domain.worker._task:
+        if domain.worker is not None:
             workers.append(domain.worker)
-        for worker in workers:
-            await worker.stop()
         if self._hypervisor is not None:
             self._hypervisor.forget(uuid)
         self.stats.nics_synced = sum(len(d.nics) for d in self._domains.values())
+        return self._retire(workers, grace)
 
-    async def _drop_all(self) -> None:
-        for uuid in list(self._domains):
-            await self._drop_domain(uuid, "disconnected")
+    async def _drop_all(self, why: str) -> None:
+        """Forget every domain; syncs in flight get SHUTDOWN_GRACE to finish."""
+        tasks = [self._drop_domain(uuid, why, SHUTDOWN_GRACE) for uuid in list(self._domains)]
+        await asyncio.gather(*(t for t in tasks if t is not None))
 
     def _error(self, message: str) -> None:
         self.stats.last_error = message
@@ -380,13 +521,48 @@ class Daemon:
         if ok:
             nic.failures = 0
             return
+        delay = self._retry_delay(nic)
         nic.failures += 1
-        delay = min(2.0 ** (nic.failures - 1), self.config.sync.retry_max)
         if nic.worker is not None:
             nic.worker.kick("retry", delay=delay)
 
+    async def _still_running(self, hypervisor: Hypervisor, uuid: str) -> bool:
+        await asyncio.sleep(QUERY_SETTLE)  # let libvirt notice a QEMU that just exited
+        try:
+            return await hypervisor.domain(uuid) is not None
+        except HypervisorError:
+            return True  # cannot tell: report the failure
+
+    def _retry_delay(self, nic: NicSync) -> float:
+        return float(min(2.0**nic.failures, self.config.sync.retry_max))
+
     async def _sync_once(self, nic: NicSync, cause: str) -> bool:
         """One query, plan and apply; False when it should be retried."""
+        progress = _Progress()
+        try:
+            return await self._sync_steps(nic, cause, progress)
+        except asyncio.CancelledError:
+            # Shutdown (or the NIC went) with this sync in flight: say what it leaves.
+            report = nic.report
+            half = bool(progress.applied) or progress.in_flight is not None
+            # Only shutdown leaves work that was wanted; a NIC that went needs nothing.
+            level = "warning" if half else "info" if self._shutting_down else "debug"
+            self.decide(
+                "abandoned",
+                level=level,
+                domain=report.nic.domain,
+                alias=report.nic.alias,
+                ifname=report.nic.ifname,
+                stage=progress.stage,
+                cause=cause,
+                applied=progress.applied,
+                # Sent to the kernel, answer not seen: it may or may not have landed.
+                in_flight=progress.in_flight,
+                pending=progress.pending,
+            )
+            raise
+
+    async def _sync_steps(self, nic: NicSync, cause: str, progress: _Progress) -> bool:
         hypervisor = self._hypervisor
         if hypervisor is None:
             return True
@@ -397,19 +573,36 @@ class Daemon:
             "ifname": report.nic.ifname,
         }
 
-        def failed(stage: str, error: str, level: str = "warning", **extra: Any) -> bool:
+        def failed(
+            stage: str, error: str, reason: str, level: str = "warning", **extra: Any
+        ) -> bool:
             self._error(f"{report.nic.domain}/{report.nic.alias}: {error}")
             nic.result = f"failed: {error}"
-            self.decide("failed", level=level, **where, stage=stage, **extra, error=error)
+            self.decide(
+                "failed",
+                level=level,
+                **where,
+                stage=stage,
+                reason=reason,
+                **extra,
+                error=error,
+                cause=cause,
+                attempt=nic.failures + 1,
+                retry_in=self._retry_delay(nic),
+            )
             return False
 
         self.stats.queries += 1
+        progress.stage = "query"
         try:
             reply = await hypervisor.query_rx_filter(report.nic.uuid, report.nic.alias)
         except HypervisorError as exc:
-            if exc.gone:  # the domain worker cleans up after it
+            # A domain being destroyed fails the query with a monitor error before
+            # libvirt calls it gone: not a failure of ours (its stop event cleans up).
+            if exc.gone or not await self._still_running(hypervisor, report.nic.uuid):
+                log.debug("domain gone during query", **where, error=str(exc))
                 return True
-            return failed("query", str(exc))
+            return failed("query", str(exc), "libvirt")
         try:
             guest = parse_reply(reply, report.nic.alias)
         except GuestFilterError as exc:
@@ -419,15 +612,19 @@ class Daemon:
             return True
         nic.guest = guest.summary()
         assert report.nic.ifname is not None
+        progress.stage = "read"
         try:
             host = await self.network.read(report.nic.ifname)
         except MacvtapError as exc:
-            return failed("read", str(exc))
+            return failed("read", str(exc), _reason(exc))
         if host is None:
-            return failed("read", "macvtap is gone")
+            return failed("read", f"{report.nic.ifname}: macvtap is gone", "gone")
         nic.host = host.summary()
         sync = self.config.sync
-        plan = make_plan(guest, host, sync.policy(), libvirt_syncs=report.verdict.libvirt_syncs)
+        policy, _source = self.config.policy_for(
+            report.nic.domain, report.nic.network, report.nic.portgroup
+        )
+        plan = make_plan(guest, host, policy, libvirt_syncs=report.verdict.libvirt_syncs)
         self.stats.syncs += 1
         for refusal in plan.refusals:
             if (refusal.field, refusal.value) not in nic.refused:
@@ -444,24 +641,73 @@ class Daemon:
             if note not in nic.noted:
                 nic.noted.add(note)
                 log.info("note", **where, note=note)
+        if cause == "resync" and plan.changes:
+            # Nobody asked for a change, yet the host differs from the guest: drift.
+            fields = [change_fields(c) for c in plan.changes]
+            self.decide(
+                "drift",
+                level="warning",
+                **where,
+                fields=[f["field"] for f in fields],
+                found={f["field"]: f["old"] for f in fields},
+                expected={f["field"]: f["new"] for f in fields},
+            )
         nic.result = "dry-run" if sync.dry_run and plan.changes else "ok"
+        progress.stage = "apply"
+        progress.pending = [c.field for c in plan.changes]
+        ok = True
         for change in plan.changes:
+            progress.pending.remove(change.field)
             if sync.dry_run:
                 self.decide("would-apply", **where, **change_fields(change), cause=cause)
                 continue
+            progress.in_flight = change.field
             try:
                 await self.network.apply(host, [change])
             except MacvtapError as exc:
-                return failed("apply", str(exc), "error", **change_fields(change))
+                progress.in_flight = None
+                # The other changes do not depend on this one: they still go in.
+                ok = failed(
+                    "apply",
+                    str(exc),
+                    _reason(exc),
+                    "error",
+                    **change_fields(change),
+                    pending=list(progress.pending),
+                )
+                if exc.errno is None:
+                    break  # the link vanished: nothing more can land on it
+                continue
+            progress.in_flight = None
+            progress.applied.append(change.field)
             self.stats.writes += 1
             self.decide("applied", **where, **change_fields(change), cause=cause)
         if plan.changes and not sync.dry_run:
             with contextlib.suppress(MacvtapError):
                 after = await self.network.read(report.nic.ifname)
                 nic.host = after.summary() if after else None
-        if not plan.changes:
-            log.debug("in sync", **where, cause=cause)
-        return True
+        log.debug("synced", **where, cause=cause, changes=len(plan.changes), ok=ok)
+        return ok
+
+
+@dataclass
+class _Progress:
+    """How far one sync got, for the line that says what an interrupted sync left."""
+
+    stage: str = "queued"
+    applied: list[str] = field(default_factory=list)
+    in_flight: str | None = None
+    pending: list[str] = field(default_factory=list)
+
+
+def _reason(exc: MacvtapError) -> str:
+    """A short, stable word for why a host operation failed (the errno's name)."""
+    if exc.errno is None:
+        # Only apply's ifindex check and read's kind check fail without an errno.
+        return "vanished" if exc.op == "apply" else "not-macvtap"
+    if exc.errno == errno.EOPNOTSUPP:  # Python names 95 ENOTSUP
+        return "EOPNOTSUPP"
+    return errno.errorcode.get(exc.errno, f"errno {exc.errno}")
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

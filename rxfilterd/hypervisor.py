@@ -24,7 +24,7 @@ import libvirt_qemu
 
 _T = TypeVar("_T")
 
-DomainChange = Literal["started", "stopped", "reboot", "device-added", "device-removed"]
+DomainChange = Literal["started", "resumed", "stopped", "reboot", "device-added", "device-removed"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class DomainChanged:
     uuid: str
     domain: str
     change: DomainChange
+    # libvirt's detail, e.g. "migrated" for a domain arriving from another host.
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,37 @@ _GONE_CODES = {
     getattr(libvirt, "VIR_ERR_NO_NETWORK_PORT", -1),
 }
 
+# A migrated-in or restored domain arrives as STARTED then RESUMED (detail "migrated"
+# or "restored"): its guest state, rx filter included, came with it and QEMU emits no
+# rx-filter event for it, so both re-read the domain and sync every NIC.
 _LIFECYCLE: dict[int, DomainChange] = {
     libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
-    libvirt.VIR_DOMAIN_EVENT_RESUMED: "started",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
     libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
     libvirt.VIR_DOMAIN_EVENT_CRASHED: "stopped",
 }
+
+
+def _details(prefix: str) -> dict[int, str]:
+    return {
+        value: name.removeprefix(prefix).lower().replace("_", "-")
+        for name, value in vars(libvirt).items()
+        if name.startswith(prefix)
+    }
+
+
+_DETAILS: dict[int, dict[int, str]] = {
+    event: _details(f"VIR_DOMAIN_EVENT_{word}_")
+    for event, word in (
+        (libvirt.VIR_DOMAIN_EVENT_STARTED, "STARTED"),
+        (libvirt.VIR_DOMAIN_EVENT_RESUMED, "RESUMED"),
+        (libvirt.VIR_DOMAIN_EVENT_STOPPED, "STOPPED"),
+        (libvirt.VIR_DOMAIN_EVENT_CRASHED, "CRASHED"),
+    )
+}
+
+# How long opening the connection may take: a hung libvirtd must not hang us.
+CONNECT_TIMEOUT = 10.0
 
 _event_impl_lock = threading.Lock()
 _event_impl_started = False
@@ -146,6 +173,12 @@ class Hypervisor:
         self._loop = asyncio.get_running_loop()
         self._lost = False
         self._domains.clear()
+        try:
+            await asyncio.wait_for(self._open(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise HypervisorError(f"no answer within {CONNECT_TIMEOUT:g} s") from None
+
+    async def _open(self) -> None:
         conn = await self._call(libvirt.open, self._uri)
         self._conn = conn
         if self._subscribe:
@@ -189,10 +222,11 @@ class Hypervisor:
         if isinstance(alias, str):
             self._emit(RxFilterChanged(dom.UUIDString(), dom.name(), alias, seconds + micros / 1e6))
 
-    def _lifecycle(self, _conn: Any, dom: Any, event: int, _detail: int, _o: Any) -> None:
+    def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
         change = _LIFECYCLE.get(event)
         if change is not None:
-            self._emit(DomainChanged(dom.UUIDString(), dom.name(), change))
+            word = _DETAILS.get(event, {}).get(detail, str(detail))
+            self._emit(DomainChanged(dom.UUIDString(), dom.name(), change, word))
 
     def _reboot(self, _conn: Any, dom: Any, _o: Any) -> None:
         self._emit(DomainChanged(dom.UUIDString(), dom.name(), "reboot"))
@@ -218,7 +252,7 @@ class Hypervisor:
         self._domains.clear()
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._call(_close_quietly, conn), timeout=2)
+                await asyncio.wait_for(self._call(_close_quietly, conn), timeout=1)
 
     def shutdown(self) -> None:
         # Worker threads stuck in a libvirt call must not hold up process exit.

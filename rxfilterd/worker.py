@@ -35,11 +35,15 @@ class CoalescingWorker:
         self._wake = asyncio.Event()
         self._cause = ""
         self._timer: asyncio.TimerHandle | None = None
+        self._current: asyncio.Future[None] | None = None
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
         self.runs = 0
 
     def kick(self, cause: str, delay: float = 0.0) -> None:
         """Ask for a run (after DELAY seconds); CAUSE is what the run is told."""
+        if self._stopping:
+            return
         if delay > 0:
             if self._timer is None:  # an earlier pending retry stands
                 self._timer = asyncio.get_running_loop().call_later(delay, self._fire, cause)
@@ -54,16 +58,26 @@ class CoalescingWorker:
         self.kick(cause)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             await self._take_token()
+            if self._stopping:
+                return
             self._wake.clear()
             cause, self._cause = self._cause, ""
             self.runs += 1
+            # A separate future, so stop() can give a run in flight time to finish.
+            self._current = asyncio.ensure_future(self._job(cause))
             try:
-                await self._job(cause)
+                await self._current
+            except asyncio.CancelledError:
+                if self._stopping or self._task.cancelling():
+                    raise
+                # The job cancelled itself: that costs one run, like a failure.
             except Exception:  # a bug must cost one run, not the worker
                 log.exception("worker job failed", worker=self.name)
+            finally:
+                self._current = None
 
     async def _take_token(self) -> None:
         if self._rate is None:
@@ -77,13 +91,31 @@ class CoalescingWorker:
             self._refilled = time.monotonic()
         self._tokens -= 1
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """No more runs; a run in flight gets up to GRACE seconds, then is cancelled.
+
+        Pending kicks and retries are dropped. The job sees the cancellation (and can
+        say what it leaves undone) when the grace runs out.
+        """
+        self._stopping = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        current = self._current
+        if grace > 0 and current is not None and not current.done():
+            await asyncio.wait({current}, timeout=grace)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+    @property
+    def busy(self) -> bool:
+        """A run is in flight."""
+        return self._current is not None and not self._current.done()
+
+    @property
+    def stopped(self) -> bool:
+        return self._task.done()
 
     @property
     def idle(self) -> bool:

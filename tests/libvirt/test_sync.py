@@ -60,7 +60,7 @@ def test_trusted_ethernet_macvtap_follows_the_guest(stack: Resources, tmp_path: 
     with RunningDaemon(tmp_path) as daemon:
         guest = stack.guest(prefixed("te"), [EthernetNic(mvt.name, mac=MAC0, trust=True)])
         daemon.wait_for(
-            lambda r: r.get("domain") == guest.name and r.get("action") == "sync", 30, "nic line"
+            lambda r: r.get("domain") == guest.name and r.get("event") == "syncing", 30, "nic line"
         )
         guest.set_mac(NEW_MAC)
         wait_until(lambda: host_mac(mvt.name) == NEW_MAC, 5, "new MAC on the host")

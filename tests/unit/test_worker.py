@@ -91,3 +91,64 @@ def test_delayed_kick_fires_once() -> None:
         return causes
 
     assert asyncio.run(scenario()) == ["retry"]
+
+
+def test_stop_lets_a_run_in_flight_finish_within_the_grace() -> None:
+    async def scenario() -> tuple[list[str], bool]:
+        done: list[str] = []
+
+        async def job(cause: str) -> None:
+            await asyncio.sleep(0.05)
+            done.append(cause)
+
+        worker = CoalescingWorker("nic", job)
+        worker.kick("event")
+        await asyncio.sleep(0.01)
+        worker.kick("event")  # a follow-up that must not start after stop()
+        await worker.stop(grace=1.0)
+        worker.kick("late")  # ignored once stopped
+        await asyncio.sleep(0.01)
+        return done, worker.stopped
+
+    assert asyncio.run(scenario()) == (["event"], True)
+
+
+def test_stop_cancels_a_run_that_outlives_the_grace() -> None:
+    async def scenario() -> tuple[bool, float]:
+        loop = asyncio.get_running_loop()
+        cancelled = False
+
+        async def job(_cause: str) -> None:
+            nonlocal cancelled
+            try:
+                await asyncio.Event().wait()  # a query to a stuck domain
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+
+        worker = CoalescingWorker("nic", job)
+        worker.kick("event")
+        await asyncio.sleep(0.01)
+        assert worker.busy
+        started = loop.time()
+        await worker.stop(grace=0.1)
+        return cancelled, loop.time() - started
+
+    cancelled, took = asyncio.run(scenario())
+    assert cancelled and 0.1 <= took < 0.5
+
+
+def test_stop_drops_a_pending_retry() -> None:
+    async def scenario() -> list[str]:
+        causes: list[str] = []
+
+        async def job(cause: str) -> None:
+            causes.append(cause)
+
+        worker = CoalescingWorker("nic", job)
+        worker.kick("retry", delay=0.05)
+        await worker.stop()
+        await asyncio.sleep(0.1)
+        return causes
+
+    assert asyncio.run(scenario()) == []
