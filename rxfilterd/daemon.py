@@ -19,6 +19,7 @@ import structlog
 
 from rxfilterd.config import Config
 from rxfilterd.guest_filter import GuestFilterError, parse_reply
+from rxfilterd.host_state import HostState
 from rxfilterd.hypervisor import (
     ConnectionLost,
     DomainChanged,
@@ -29,7 +30,7 @@ from rxfilterd.hypervisor import (
 )
 from rxfilterd.inventory import NetworkCache, NicReport, survey_domain
 from rxfilterd.macvtap import HostNetwork, MacvtapError
-from rxfilterd.plan import AddressListChange, Change, make_plan
+from rxfilterd.plan import AddressListChange, Change, host_after, make_plan
 from rxfilterd.worker import CoalescingWorker
 
 log = structlog.get_logger("rxfilterd")
@@ -60,6 +61,9 @@ def change_fields(change: Change) -> dict[str, Any]:
 SHUTDOWN_GRACE = 1.5
 # After a failed query, how long libvirt gets to notice that the domain went away.
 QUERY_SETTLE = 0.25
+# A follow-up sync waits until a NIC's events pause this long (capped at 250 ms), so a
+# guest command that fires events over a few hundred ms costs two queries in all.
+FOLLOW_UP_SETTLE = 0.02
 # Ready (sd_notify) waits at most this long for every NIC's first sync.
 READY_WAIT = 10.0
 
@@ -134,6 +138,8 @@ class Daemon:
         # Every worker we made and have not yet told to stop, and those stopping: the
         # bookkeeping that proves nothing is left behind for a NIC or domain that went.
         self._workers: set[CoalescingWorker] = set()
+        # (domain, alias) published before a disconnect, not yet seen again.
+        self._unconfirmed: set[tuple[str, str]] = set()
         self._stopping: set[CoalescingWorker] = set()
         self._away_attempts = 0
         self._shutting_down = False
@@ -244,6 +250,11 @@ class Daemon:
     async def _serve(self, hypervisor: Hypervisor, stop: asyncio.Event, cause: str) -> str | None:
         """Sync everything, then follow events; the reason if the connection is lost."""
         await self._reconcile_all(cause)
+        # NICs known before the connection dropped that are not there any more.
+        current = {(d.name, alias) for d in self._domains.values() for alias in d.reports}
+        for domain, alias in sorted(self._unconfirmed - current):
+            self._publish_gone(domain, alias)
+        self._unconfirmed.clear()
         if not self._ready and self._ready_task is None:
             # Not awaited here: a stuck domain must not hold up events for the others.
             self._ready_task = asyncio.get_running_loop().create_task(self._announce_ready())
@@ -328,8 +339,9 @@ class Daemon:
         job: Callable[[str], Awaitable[None]],
         rate: float | None = None,
         burst: int = 1,
+        settle: float = 0.0,
     ) -> CoalescingWorker:
-        worker = CoalescingWorker(name, job, rate=rate, burst=burst)
+        worker = CoalescingWorker(name, job, rate=rate, burst=burst, settle=settle)
         self._workers.add(worker)
         return worker
 
@@ -434,6 +446,8 @@ class Daemon:
             if report.verdict.action != "sync":
                 if nic is not None:
                     self._stop_nic(domain, alias)
+                if old_reports.get(alias) != report:
+                    self._publish_nic(report, None)  # the fleet view lists skipped NICs too
                 continue
             if nic is None or nic.report != report:
                 if nic is not None:
@@ -444,6 +458,7 @@ class Daemon:
                     functools.partial(self._sync_nic, nic),
                     rate=self.config.sync.max_syncs_per_second,
                     burst=max(1, round(self.config.sync.max_syncs_per_second)),
+                    settle=FOLLOW_UP_SETTLE,
                 )
             assert nic.worker is not None
             nic.worker.kick(cause)
@@ -491,8 +506,13 @@ class Daemon:
             getattr(log, level)(
                 "domain gone", domain=domain.name, why=why, nics=sorted(domain.nics)
             )
-        for alias in domain.reports:
-            self._publish_gone(domain.name, alias)
+        if why not in ("disconnected", "stopping"):
+            # Losing libvirt says nothing about the NICs: their state stays published
+            # and is refreshed by the reconcile after the reconnect.
+            for alias in domain.reports:
+                self._publish_gone(domain.name, alias)
+        else:
+            self._unconfirmed.update((domain.name, alias) for alias in domain.reports)
         workers = [n.worker for n in domain.nics.values() if n.worker is not None]
         if domain.worker is not None:
             workers.append(domain.worker)
@@ -592,6 +612,28 @@ class Daemon:
             )
             return False
 
+        assert report.nic.ifname is not None
+        # The host read does not need the guest's answer: overlap it with the query,
+        # which is the slow part (a libvirt round trip and the domain's job lock).
+        host_read = asyncio.ensure_future(self.network.read(report.nic.ifname))
+        host_read.add_done_callback(_consume)
+        try:
+            return await self._sync_with(nic, cause, progress, hypervisor, host_read, where, failed)
+        finally:
+            host_read.cancel()
+
+    async def _sync_with(
+        self,
+        nic: NicSync,
+        cause: str,
+        progress: _Progress,
+        hypervisor: Hypervisor,
+        host_read: asyncio.Future[HostState | None],
+        where: dict[str, Any],
+        failed: Callable[..., bool],
+    ) -> bool:
+        report = nic.report
+        assert report.nic.ifname is not None
         self.stats.queries += 1
         progress.stage = "query"
         try:
@@ -614,7 +656,7 @@ class Daemon:
         assert report.nic.ifname is not None
         progress.stage = "read"
         try:
-            host = await self.network.read(report.nic.ifname)
+            host = await host_read
         except MacvtapError as exc:
             return failed("read", str(exc), _reason(exc))
         if host is None:
@@ -655,6 +697,7 @@ class Daemon:
         nic.result = "dry-run" if sync.dry_run and plan.changes else "ok"
         progress.stage = "apply"
         progress.pending = [c.field for c in plan.changes]
+        applied: list[Change] = []
         ok = True
         for change in plan.changes:
             progress.pending.remove(change.field)
@@ -680,14 +723,19 @@ class Daemon:
                 continue
             progress.in_flight = None
             progress.applied.append(change.field)
+            applied.append(change)
             self.stats.writes += 1
             self.decide("applied", **where, **change_fields(change), cause=cause)
-        if plan.changes and not sync.dry_run:
-            with contextlib.suppress(MacvtapError):
-                after = await self.network.read(report.nic.ifname)
-                nic.host = after.summary() if after else None
+        if applied:
+            nic.host = host_after(host, applied).summary()  # saves a netlink re-read
         log.debug("synced", **where, cause=cause, changes=len(plan.changes), ok=ok)
         return ok
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned future's exception, so asyncio does not report it."""
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass

@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import errno as errnos
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -211,8 +212,7 @@ class HostNetwork:
         """Apply CHANGES in order to the link STATE was read from."""
         if not changes:
             return
-        msg = await self._get_link(state.ifname, index=state.ifindex)
-        if msg is None or msg.get_attr("IFLA_IFNAME") != state.ifname:
+        if not await self._same_link(state):
             # Same name, new ifindex (or the index went to another link): our state
             # describes a device that no longer exists.
             raise MacvtapError(
@@ -223,6 +223,17 @@ class HostNetwork:
             )
         for change in changes:
             await self._apply_one(state, change)
+
+    async def _same_link(self, state: HostState) -> bool:
+        """Whether STATE's ifindex still carries its name (not deleted and recreated)."""
+        if self.netns is None:
+            # One ioctl instead of a netlink round trip: this is on the sync hot path.
+            try:
+                return socket.if_nametoindex(state.ifname) == state.ifindex
+            except OSError:
+                return False
+        msg = await self._get_link(state.ifname, index=state.ifindex)
+        return msg is not None and msg.get_attr("IFLA_IFNAME") == state.ifname
 
     async def _apply_one(self, state: HostState, change: Change) -> None:
         index = state.ifindex

@@ -19,6 +19,8 @@ Notes name what the host cannot do as the guest asked; the texts are stable per 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -213,6 +215,24 @@ def handling(host: HostState, policy: SyncPolicy, *, libvirt_syncs: bool) -> tup
         vlan_handling(host, policy, libvirt_syncs=libvirt_syncs)[1],
         unicast_handling(host, libvirt_syncs=libvirt_syncs),
     )
+
+
+def host_after(host: HostState, changes: Sequence[Change]) -> HostState:
+    """The host state once CHANGES have landed (what a re-read would show)."""
+    for change in changes:
+        if isinstance(change, MacChange):
+            host = dataclasses.replace(host, mac=change.new)
+        elif isinstance(change, FlagChange) and change.field == "promiscuous":
+            host = dataclasses.replace(host, promiscuous=change.new)
+        elif isinstance(change, FlagChange):
+            host = dataclasses.replace(host, allmulti=change.new)
+        elif change.field == "multicast":
+            host = dataclasses.replace(
+                host, multicast=(host.multicast | change.add) - change.remove
+            )
+        else:
+            host = dataclasses.replace(host, unicast=(host.unicast | change.add) - change.remove)
+    return host
 
 
 def _list_change(

@@ -1,7 +1,10 @@
 """A coalescing worker: runs one job when kicked, never two at once.
 
 Kicks that arrive while the job runs fold into a single follow-up run, so a burst
-of events costs one run in flight plus one after it. A token bucket (`rate` runs a
+of events costs one run in flight plus one after it. The follow-up waits until the
+kicks pause for `settle` seconds (at most `settle_max`): a guest command that fires
+events over a few hundred milliseconds then costs two runs, not one per round trip.
+A first run after a quiet spell never waits. A token bucket (`rate` runs a
 second, bursts of `burst`) bounds what a hostile guest can make the host do while
 leaving an occasional change unthrottled.
 """
@@ -25,8 +28,14 @@ class CoalescingWorker:
         job: Callable[[str], Awaitable[None]],
         rate: float | None = None,
         burst: int = 1,
+        settle: float = 0.0,
+        settle_max: float = 0.25,
     ) -> None:
         self.name = name
+        self._settle = settle
+        self._settle_max = settle_max
+        self._kicks = 0
+        self._followup = False
         self._job = job
         self._rate = rate
         self._burst = max(1, burst)
@@ -48,6 +57,7 @@ class CoalescingWorker:
             if self._timer is None:  # an earlier pending retry stands
                 self._timer = asyncio.get_running_loop().call_later(delay, self._fire, cause)
             return
+        self._kicks += 1
         # The first cause since the last run wins: it is what started the change.
         if not self._wake.is_set():
             self._cause = cause
@@ -60,6 +70,8 @@ class CoalescingWorker:
     async def _run(self) -> None:
         while not self._stopping:
             await self._wake.wait()
+            if self._followup:
+                await self._wait_for_quiet()
             await self._take_token()
             if self._stopping:
                 return
@@ -78,6 +90,18 @@ class CoalescingWorker:
                 log.exception("worker job failed", worker=self.name)
             finally:
                 self._current = None
+            # Kicked while it ran: the guest was still changing.
+            self._followup = self._wake.is_set()
+
+    async def _wait_for_quiet(self) -> None:
+        if self._settle <= 0:
+            return
+        deadline = time.monotonic() + self._settle_max
+        while time.monotonic() < deadline:
+            seen = self._kicks
+            await asyncio.sleep(min(self._settle, max(0.0, deadline - time.monotonic())))
+            if self._kicks == seen:
+                return
 
     async def _take_token(self) -> None:
         if self._rate is None:

@@ -17,6 +17,7 @@ from rxfilterd.plan import (
     FlagChange,
     MacChange,
     handling,
+    host_after,
     make_plan,
 )
 from rxfilterd.policy import ALL_FIELDS, SyncPolicy
@@ -60,20 +61,7 @@ def host(**kw: Any) -> HostState:
 
 def simulate(state: HostState, changes: tuple[Change, ...]) -> HostState:
     """What the kernel would hold after the changes (the host tier checks the real one)."""
-    for change in changes:
-        if isinstance(change, MacChange):
-            state = dataclasses.replace(state, mac=change.new)
-        elif isinstance(change, FlagChange) and change.field == "promiscuous":
-            state = dataclasses.replace(state, promiscuous=change.new)
-        elif isinstance(change, FlagChange):
-            state = dataclasses.replace(state, allmulti=change.new)
-        elif change.field == "multicast":
-            state = dataclasses.replace(
-                state, multicast=(state.multicast | change.add) - change.remove
-            )
-        else:
-            state = dataclasses.replace(state, unicast=(state.unicast | change.add) - change.remove)
-    return state
+    return host_after(state, changes)
 
 
 def test_in_sync_means_no_changes() -> None:

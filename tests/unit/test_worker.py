@@ -152,3 +152,24 @@ def test_stop_drops_a_pending_retry() -> None:
         return causes
 
     assert asyncio.run(scenario()) == []
+
+
+def test_follow_up_waits_for_the_burst_to_settle() -> None:
+    async def scenario() -> list[str]:
+        causes: list[str] = []
+
+        async def job(cause: str) -> None:
+            causes.append(cause)
+            await asyncio.sleep(0.01)  # a query round trip
+
+        worker = CoalescingWorker("nic", job, settle=0.06, settle_max=1.0)
+        # Events every 10 ms for 150 ms, as one guest command can produce.
+        for _ in range(15):
+            worker.kick("event")
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        await worker.stop()
+        return causes
+
+    # The first run starts at once, the follow-up only once the events stop.
+    assert asyncio.run(scenario()) == ["event", "event"]
