@@ -274,17 +274,9 @@ async def _explain(config: Config, as_json: bool, only: str | None, *, notes: bo
 
 def format_table(rows: list[dict[str, str]], notes: list[tuple[str, ...]] | None = None) -> str:
     """The explain table; NOTES (one tuple per row) becomes a last column."""
-    columns = [
-        "domain",
-        "alias",
-        "ifname",
-        "model",
-        "type",
-        "trust",
-        "trust_source",
-        "action",
-        "reason",
-    ]
+    from rxfilterd.inventory import EXPLAIN_KEYS
+
+    columns = list(EXPLAIN_KEYS)
     if not rows:
         return "no NICs on running domains"
     if notes is not None:

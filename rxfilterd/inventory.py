@@ -15,6 +15,19 @@ from rxfilterd.plan import handling
 from rxfilterd.policy import SyncPolicy
 from rxfilterd.trust import NetworkTrust, Trust, parse_network, resolve_trust
 
+# The `explain` columns, in order: exactly the keys of NicReport.row().
+EXPLAIN_KEYS = (
+    "domain",
+    "alias",
+    "ifname",
+    "model",
+    "type",
+    "trust",
+    "trust_source",
+    "action",
+    "reason",
+)
+
 
 @dataclass(frozen=True)
 class NicReport:
