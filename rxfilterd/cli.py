@@ -243,6 +243,7 @@ async def _explain(config: Config, as_json: bool, only: str | None, *, notes: bo
     from rxfilterd.hypervisor import Hypervisor, HypervisorError
     from rxfilterd.inventory import handling_notes, survey
     from rxfilterd.macvtap import HostNetwork
+    from rxfilterd.policy import ALL_FIELDS
 
     hypervisor = Hypervisor(config.libvirt.uri, lambda _event: None, subscribe=False)
     try:
@@ -251,8 +252,14 @@ async def _explain(config: Config, as_json: bool, only: str | None, *, notes: bo
             reports = [
                 r for r in await survey(hypervisor, network) if only is None or r.nic.domain == only
             ]
-            policy = config.sync.policy()
-            handling = [await handling_notes(r, network, policy) for r in reports]
+            handling = []
+            for r in reports:
+                policy, source = config.policy_for(r.nic.domain, r.nic.network, r.nic.portgroup)
+                lines = await handling_notes(r, network, policy)
+                if r.verdict.action == "sync" and (source != "sync" or policy.fields != ALL_FIELDS):
+                    # Least privilege in force: say which policy and what it lets through.
+                    lines = (f"policy {source}: {', '.join(sorted(policy.fields))}", *lines)
+                handling.append(lines)
     except HypervisorError as exc:
         print(f"rxfilterd: cannot query {config.libvirt.uri}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from tests.support.guest import EthernetNic, Resources, prefixed
 pytestmark = pytest.mark.libvirt
 
 SPOOF = "02:11:22:33:44:55"
+EXPLAIN = [sys.executable, "-m", "rxfilterd", "explain"]
 
 
 def test_multicast_only_policy_then_mac_allow(stack: Resources, tmp_path: Path) -> None:
@@ -45,6 +49,15 @@ def test_multicast_only_policy_then_mac_allow(stack: Resources, tmp_path: Path) 
         }
         assert all(r["level"] == "warning" for r in refused)
         assert len(refused) == 2, "a refusal is logged once per distinct value"
+        explained = subprocess.run(
+            [*EXPLAIN, "--config", str(daemon.config), "--json", "--notes", name],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        [row] = json.loads(explained)
+        assert "policy ipv6-only: multicast" in row["notes"]
 
         # Now everything, but only MACs from the QEMU/KVM OUI.
         write_config(
