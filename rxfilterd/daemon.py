@@ -100,6 +100,7 @@ class NicSync:
     report: NicReport
     worker: CoalescingWorker | None = None
     failures: int = 0
+    last_failure: tuple[str, str] | None = None
     refused: set[tuple[str, str]] = field(default_factory=set)
     guest: dict[str, Any] | None = None
     host: dict[str, Any] | None = None
@@ -539,7 +540,16 @@ class Daemon:
             nic.last_sync = time.time()
             self._publish_nic(nic.report, nic)
         if ok:
+            if nic.failures:
+                log.info(
+                    "recovered",
+                    domain=nic.report.nic.domain,
+                    alias=nic.report.nic.alias,
+                    ifname=nic.report.nic.ifname,
+                    after_attempts=nic.failures,
+                )
             nic.failures = 0
+            nic.last_failure = None
             return
         delay = self._retry_delay(nic)
         nic.failures += 1
@@ -598,9 +608,13 @@ class Daemon:
         ) -> bool:
             self._error(f"{report.nic.domain}/{report.nic.alias}: {error}")
             nic.result = f"failed: {error}"
+            # The same failure again on a retry is no news for the log (sinks still
+            # get every attempt); a new reason, or the first one, is.
+            repeat = nic.failures > 0 and nic.last_failure == (stage, reason)
+            nic.last_failure = (stage, reason)
             self.decide(
                 "failed",
-                level=level,
+                level="debug" if repeat else level,
                 **where,
                 stage=stage,
                 reason=reason,
