@@ -41,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="decide and log everything, change nothing"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the daemon (the default)")
+    run = sub.add_parser("run", parents=[common], help="run the daemon (the default)")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="decide and log everything, change nothing",
+    )
     sub.add_parser("check-config", parents=[common], help="validate the config file and exit")
     explain = sub.add_parser(
         "explain",
