@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -33,32 +32,18 @@ from rxfilterd.macvtap import MacvtapError
 from rxfilterd.nic import Nic, Verdict
 from rxfilterd.plan import Change, MacChange
 from rxfilterd.trust import Trust
+from tests.support.qmp import rx_filter_entry, rx_filter_reply
 
 MAC0 = "52:54:00:10:00:01"
 MAC1 = "52:54:00:10:00:02"
 
 
 def guest_entry(**overrides: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "name": "net0",
-        "promiscuous": False,
-        "multicast": "normal",
-        "unicast": "normal",
-        "vlan": "normal",
-        "broadcast-allowed": False,
-        "multicast-overflow": False,
-        "unicast-overflow": False,
-        "main-mac": MAC0,
-        "vlan-table": [],
-        "unicast-table": [],
-        "multicast-table": [],
-    }
-    entry.update(overrides)
-    return entry
+    return rx_filter_entry(**{"main-mac": MAC0, **overrides})
 
 
 def reply(**overrides: Any) -> str:
-    return json.dumps({"return": [guest_entry(**overrides)]})
+    return rx_filter_reply(guest_entry(**overrides))
 
 
 def host_state(mac: str = MAC0, promiscuous: bool = False, ifindex: int = 7) -> HostState:

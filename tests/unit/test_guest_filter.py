@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -10,29 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rxfilterd.guest_filter import GuestFilter, GuestFilterError, parse_entry, parse_reply
+from tests.support.qmp import rx_filter_entry, rx_filter_reply
 
 
 def entry(**overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "name": "net0",
-        "promiscuous": False,
-        "multicast": "normal",
-        "unicast": "normal",
-        "vlan": "normal",
-        "broadcast-allowed": False,
-        "multicast-overflow": False,
-        "unicast-overflow": False,
+    base = {
         "main-mac": "52:54:00:12:34:56",
         "vlan-table": [0],
-        "unicast-table": [],
         "multicast-table": ["33:33:00:00:00:01", "01:00:5E:00:00:01"],
     }
-    base.update(overrides)
-    return base
+    return rx_filter_entry(**{**base, **overrides})
 
 
 def reply(*entries: dict[str, Any]) -> str:
-    return json.dumps({"return": list(entries), "id": "libvirt-42"})
+    return rx_filter_reply(*entries)
 
 
 def test_parses_a_real_answer() -> None:
