@@ -96,14 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_fleet(config, args.follow))
         except KeyboardInterrupt:  # Ctrl-C before the handler is in place
             return EXIT_OK
-    return _run(config)
+    return _run(config, forced_dry_run=getattr(args, "dry_run", False))
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, *, forced_dry_run: bool = False) -> int:
     from rxfilterd import logs
 
     logs.configure(config.log.level, config.log.format)
-    code = asyncio.run(_serve(config))
+    code = asyncio.run(_serve(config, forced_dry_run))
     # A libvirt call stuck in a worker thread must not hold the process past SIGTERM.
     sys.stdout.flush()
     sys.stderr.flush()
@@ -112,9 +112,10 @@ def _run(config: Config) -> int:
     return code
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, forced_dry_run: bool = False) -> int:
     import structlog
 
+    from rxfilterd import logs
     from rxfilterd.daemon import Daemon
     from rxfilterd.macvtap import HostNetwork
     from rxfilterd.notify import Notifier
@@ -139,10 +140,19 @@ async def _serve(config: Config) -> int:
             except ConfigError as exc:
                 log.error("config reload rejected, old settings stay", error=str(exc))
                 return
-            if daemon.config.sync.dry_run and not new.sync.dry_run:
+            if forced_dry_run:  # --dry-run on the command line outlives any reload
                 new = dataclasses.replace(new, sync=dataclasses.replace(new.sync, dry_run=True))
+            old = daemon.config
+            if new.log != old.log:
+                logs.configure(new.log.level, new.log.format)
+            for key, before, after in (
+                ("libvirt.uri", old.libvirt.uri, new.libvirt.uri),
+                ("mqtt", old.mqtt, new.mqtt),
+            ):
+                if before != after:
+                    log.warning("config change takes effect at restart", key=key)
             daemon.reload(new)
-            log.info("config reloaded", path=str(path))
+            log.info("config reloaded", path=str(path), dry_run=new.sync.dry_run)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
         log.info(

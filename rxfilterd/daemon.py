@@ -164,6 +164,11 @@ class Daemon:
     def reload(self, config: Config) -> None:
         """New settings take effect from the next sync of each NIC."""
         self.config = config
+        rate = config.sync.max_syncs_per_second
+        for domain in self._domains.values():
+            for nic in domain.nics.values():
+                if nic.worker is not None:
+                    nic.worker.set_rate(rate, max(1, round(rate)))
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = first_backoff = min(1.0, self.config.libvirt.reconnect_max)

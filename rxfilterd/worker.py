@@ -103,6 +103,12 @@ class CoalescingWorker:
             if self._kicks == seen:
                 return
 
+    def set_rate(self, rate: float | None, burst: int = 1) -> None:
+        """A new limit (config reload); tokens already earned are kept up to BURST."""
+        self._rate = rate
+        self._burst = max(1, burst)
+        self._tokens = min(self._tokens, float(self._burst))
+
     async def _take_token(self) -> None:
         if self._rate is None:
             return

@@ -123,6 +123,14 @@ def test_sighup_rejects_a_bad_file_and_applies_a_good_one(stack: Resources, tmp_
         )
         assert would["old"] == "52:54:00:10:00:77" and would["field"] == "mac"
         assert holds_for(lambda: host_mac(mvt.name) == "52:54:00:10:00:77", 1.5)
+        # And back: a dry_run set by the file (not --dry-run) ends with the file.
+        write_config(daemon.config, {"log": {"level": "debug", "format": "json"}})
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for(
+            lambda r: r.get("event") == "config reloaded" and r.get("dry_run") is False, 10
+        )
+        guest.set_promisc(True)  # any change makes QEMU emit an event
+        wait_until(lambda: host_mac(mvt.name) == NEW_MAC, 5, "MAC after dry_run = false")
 
 
 def test_dry_run_flag_decides_and_logs_but_changes_nothing(

@@ -173,3 +173,23 @@ def test_follow_up_waits_for_the_burst_to_settle() -> None:
 
     # The first run starts at once, the follow-up only once the events stop.
     assert asyncio.run(scenario()) == ["event", "event"]
+
+
+def test_set_rate_takes_effect_for_the_next_runs() -> None:
+    async def scenario() -> int:
+        runs = 0
+
+        async def job(_cause: str) -> None:
+            nonlocal runs
+            runs += 1
+
+        worker = CoalescingWorker("nic", job, rate=1000.0, burst=1)
+        worker.set_rate(0.5, 1)  # one run now, the next only after 2 s
+        worker.kick("event")
+        await asyncio.sleep(0.05)
+        worker.kick("event")
+        await asyncio.sleep(0.3)
+        await worker.stop()
+        return runs
+
+    assert asyncio.run(scenario()) == 1
