@@ -152,6 +152,8 @@ class Hypervisor:
         self._domain_locks: dict[str, asyncio.Lock] = {}
         self._domains: dict[str, Any] = {}
         self._lost = False
+        self._qemu_callback: int | None = None
+        self._domain_callbacks: list[int] = []
 
     @property
     def connected(self) -> bool:
@@ -188,19 +190,18 @@ class Hypervisor:
         # Keepalive makes a dead libvirtd show up as a close event within ~20 s.
         conn.setKeepAlive(5, 3)
         conn.registerCloseCallback(self._closed, None)
-        libvirt_qemu.qemuMonitorEventRegister(
+        self._qemu_callback = libvirt_qemu.qemuMonitorEventRegister(
             conn, None, "NIC_RX_FILTER_CHANGED", self._qemu_event, None, 0
         )
-        conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
-        )
-        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._reboot, None)
-        conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._device_added, None
-        )
-        conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._device_removed, None
-        )
+        self._domain_callbacks = [
+            conn.domainEventRegisterAny(None, event_id, callback, None)
+            for event_id, callback in (
+                (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle),
+                (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._reboot),
+                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._device_added),
+                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._device_removed),
+            )
+        ]
 
     # Callbacks below run on libvirt's event thread: hand over, never block.
     def _emit(self, event: HypervisorEvent) -> None:
@@ -252,7 +253,22 @@ class Hypervisor:
         self._domains.clear()
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._call(_close_quietly, conn), timeout=1)
+                await asyncio.wait_for(self._call(self._close_quietly, conn), timeout=1)
+
+    def _close_quietly(self, conn: Any) -> None:
+        # Registered callbacks hold references to the connection: without these the
+        # client side of every dropped connection would live on until exit.
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+        if self._qemu_callback is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                libvirt_qemu.qemuMonitorEventDeregister(conn, self._qemu_callback)
+        for callback_id in self._domain_callbacks:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(callback_id)
+        self._qemu_callback = None
+        self._domain_callbacks = []
+        conn.close()
 
     def shutdown(self) -> None:
         # Worker threads stuck in a libvirt call must not hold up process exit.
@@ -328,12 +344,6 @@ class Hypervisor:
     def forget(self, uuid: str) -> None:
         self._domains.pop(uuid, None)
         self._domain_locks.pop(uuid, None)
-
-
-def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(libvirt.libvirtError):
-        conn.unregisterCloseCallback()
-    conn.close()
 
 
 def _port_trust(xml: str) -> bool | None:

@@ -24,6 +24,7 @@ READ_ONLY = {
     "virNetworkPort": {"XMLDesc"},
     "virConnect": {
         "close",
+        "domainEventDeregisterAny",
         "domainEventRegisterAny",
         "listAllDomains",
         "lookupByUUIDString",
@@ -33,7 +34,7 @@ READ_ONLY = {
         "unregisterCloseCallback",
     },
 }
-QEMU_CALLS = {"qemuMonitorCommand", "qemuMonitorEventRegister"}
+QEMU_CALLS = {"qemuMonitorCommand", "qemuMonitorEventRegister", "qemuMonitorEventDeregister"}
 
 
 def _methods(cls: type) -> set[str]:
