@@ -16,7 +16,7 @@ import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import libvirt
@@ -106,6 +106,20 @@ _DETAILS: dict[int, dict[int, str]] = {
 
 # How long opening the connection may take: a hung libvirtd must not hang us.
 CONNECT_TIMEOUT = 10.0
+# libvirtd serves at most 5 calls at once per client connection (max_client_requests),
+# and a query to a hung QEMU holds its slot until QEMU answers. Queries therefore go
+# over a few connections of their own, to the least busy one: many hung domains
+# cannot starve the others (each domain has at most one query in flight).
+QUERY_CONNECTIONS = 3
+
+
+@dataclass
+class _QueryConnection:
+    conn: Any
+    in_flight: int = 0
+    # virDomain handles belong to one connection, so each keeps its own.
+    domains: dict[str, Any] = field(default_factory=dict)
+
 
 _event_impl_lock = threading.Lock()
 _event_impl_started = False
@@ -154,6 +168,7 @@ class Hypervisor:
         self._lost = False
         self._qemu_callback: int | None = None
         self._domain_callbacks: list[int] = []
+        self._queries: list[_QueryConnection] = []
 
     @property
     def connected(self) -> bool:
@@ -185,6 +200,9 @@ class Hypervisor:
         self._conn = conn
         if self._subscribe:
             await self._call(self._register, conn)
+            for _ in range(QUERY_CONNECTIONS):
+                extra = await self._call(libvirt.open, self._uri)
+                self._queries.append(_QueryConnection(extra))
 
     def _register(self, conn: Any) -> None:
         # Keepalive makes a dead libvirtd show up as a close event within ~20 s.
@@ -250,10 +268,14 @@ class Hypervisor:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
+        queries, self._queries = self._queries, []
         self._domains.clear()
         if conn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._call(self._close_quietly, conn), timeout=1)
+        for query in queries:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call(query.conn.close), timeout=1)
 
     def _close_quietly(self, conn: Any) -> None:
         # Registered callbacks hold references to the connection: without these the
@@ -333,17 +355,31 @@ class Hypervisor:
         lock = self._domain_locks.setdefault(uuid, asyncio.Lock())
         command = json.dumps({"execute": "query-rx-filter", "arguments": {"name": alias}})
         async with lock:
-            return await self._call(self._monitor_command, uuid, command)
+            if not self._queries:  # a connection without subscriptions (explain)
+                return await self._call(
+                    self._monitor_command, self._conn, self._domains, uuid, command
+                )
+            chosen = min(self._queries, key=lambda q: q.in_flight)
+            chosen.in_flight += 1
+            try:
+                return await self._call(
+                    self._monitor_command, chosen.conn, chosen.domains, uuid, command
+                )
+            finally:
+                chosen.in_flight -= 1
 
-    def _monitor_command(self, uuid: str, command: str) -> str:
-        dom = self._domains.get(uuid)
+    @staticmethod
+    def _monitor_command(conn: Any, domains: dict[str, Any], uuid: str, command: str) -> str:
+        dom = domains.get(uuid)
         if dom is None:
-            dom = self._domains[uuid] = self._conn.lookupByUUIDString(uuid)
+            dom = domains[uuid] = conn.lookupByUUIDString(uuid)
         return str(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
 
     def forget(self, uuid: str) -> None:
         self._domains.pop(uuid, None)
         self._domain_locks.pop(uuid, None)
+        for query in self._queries:
+            query.domains.pop(uuid, None)
 
 
 def _port_trust(xml: str) -> bool | None:

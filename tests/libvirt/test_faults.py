@@ -478,3 +478,33 @@ def test_a_stuck_domain_delays_no_other_and_shutdown_abandons_it(
     [cut] = lines(daemon, "abandoned", domain=stuck.name)
     assert cut["stage"] == "query" and cut["applied"] == []
     assert host_mac(stuck_tap.name) == MAC1  # never queried, never touched
+
+
+def test_more_stuck_domains_than_libvirtd_serves_per_client_still_spare_the_others(
+    lv: PrivateLibvirtd, conn: Any, stack: Resources, tmp_path: Path
+) -> None:
+    """libvirtd runs at most 5 calls per client connection (max_client_requests): six
+    domains whose monitors hang must not take every slot from a healthy one."""
+    ok_tap = stack.veth_macvtap("mo", mac=MAC0)
+    ok = stack.guest(prefixed("mo"), [EthernetNic(ok_tap.name, mac=MAC0, trust=True)], conn=conn)
+    stuck_pids = []
+    for i in range(6):
+        tap = stack.veth_macvtap(f"m{i}", mac=f"52:54:00:30:90:{i:02x}")
+        guest = Guest(
+            prefixed(f"m{i}"), [EthernetNic(tap.name, mac=tap.mac, trust=True)], conn=conn
+        )
+        conn.defineXML(guest.xml()).create()  # removed by the `conn` fixture
+        stuck_pids.append(lv.qemu_pid(guest.name))
+    for pid in stuck_pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        daemon = make_daemon(tmp_path, lv).start()
+        try:
+            wait_line(daemon, "synced", domain=ok.name, alias="net0")
+            ok.set_mac("52:54:00:30:90:aa")
+            wait_until(lambda: host_mac(ok_tap.name) == "52:54:00:30:90:aa", 5, "healthy domain")
+        finally:
+            assert daemon.stop() == 0
+    finally:
+        for pid in stuck_pids:
+            os.kill(pid, signal.SIGCONT)
