@@ -335,21 +335,6 @@ class Hypervisor:
                 return None
             raise
 
-    async def network_port_trust(self, network: str, portid: str) -> bool | None:
-        """libvirt's own resolved trust for a network port (libvirt >= 5.5), if any."""
-
-        def lookup() -> str:
-            net = self._conn.networkLookupByName(network)
-            return str(net.portLookupByUUIDString(portid).XMLDesc(0))
-
-        if not hasattr(libvirt.virNetwork, "portLookupByUUIDString"):
-            return None
-        try:
-            xml = await self._call(lookup)
-        except HypervisorError:
-            return None
-        return _port_trust(xml)
-
     async def query_rx_filter(self, uuid: str, alias: str) -> str:
         """The raw QMP reply to query-rx-filter for ALIAS (re-arms QEMU's event)."""
         lock = self._domain_locks.setdefault(uuid, asyncio.Lock())
@@ -380,16 +365,3 @@ class Hypervisor:
         self._domain_locks.pop(uuid, None)
         for query in self._queries:
             query.domains.pop(uuid, None)
-
-
-def _port_trust(xml: str) -> bool | None:
-    import xml.etree.ElementTree as ET
-
-    try:
-        rx = ET.fromstring(xml).find("rxfilters")
-    except ET.ParseError:
-        return None
-    if rx is None:
-        return None
-    value = rx.get("trustGuest")
-    return None if value is None else value == "yes"

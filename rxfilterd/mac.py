@@ -27,9 +27,5 @@ def is_zero(mac: str) -> bool:
     return mac == "00:00:00:00:00:00"
 
 
-def to_bytes(mac: str) -> bytes:
-    return bytes(int(part, 16) for part in mac.split(":"))
-
-
 def from_bytes(raw: bytes) -> str:
     return ":".join(f"{octet:02x}" for octet in raw)

@@ -47,7 +47,6 @@ class CoalescingWorker:
         self._current: asyncio.Future[None] | None = None
         self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
-        self.runs = 0
 
     def kick(self, cause: str, delay: float = 0.0) -> None:
         """Ask for a run (after DELAY seconds); CAUSE is what the run is told."""
@@ -77,7 +76,6 @@ class CoalescingWorker:
                 return
             self._wake.clear()
             cause, self._cause = self._cause, ""
-            self.runs += 1
             # A separate future, so stop() can give a run in flight time to finish.
             self._current = asyncio.ensure_future(self._job(cause))
             try:
@@ -146,7 +144,3 @@ class CoalescingWorker:
     @property
     def stopped(self) -> bool:
         return self._task.done()
-
-    @property
-    def idle(self) -> bool:
-        return not self._wake.is_set()
