@@ -574,8 +574,13 @@ class Daemon:
     async def _sync_once(self, nic: NicSync, cause: str) -> bool:
         """One query, plan and apply; False when it should be retried."""
         progress = _Progress()
+        assert nic.report.nic.ifname is not None
+        # The host read does not need the guest's answer: overlap it with the query,
+        # which is the slow part (a libvirt round trip and the domain's job lock).
+        host_read = asyncio.ensure_future(self.network.read(nic.report.nic.ifname))
+        host_read.add_done_callback(_consume)
         try:
-            return await self._sync_steps(nic, cause, progress)
+            return await self._sync_steps(nic, cause, progress, host_read)
         except asyncio.CancelledError:
             # Shutdown (or the NIC went) with this sync in flight: say what it leaves.
             report = nic.report
@@ -596,8 +601,16 @@ class Daemon:
                 pending=progress.pending,
             )
             raise
+        finally:
+            host_read.cancel()
 
-    async def _sync_steps(self, nic: NicSync, cause: str, progress: _Progress) -> bool:
+    async def _sync_steps(
+        self,
+        nic: NicSync,
+        cause: str,
+        progress: _Progress,
+        host_read: asyncio.Future[HostState | None],
+    ) -> bool:
         hypervisor = self._hypervisor
         if hypervisor is None:
             return True
@@ -631,27 +644,6 @@ class Daemon:
             )
             return False
 
-        assert report.nic.ifname is not None
-        # The host read does not need the guest's answer: overlap it with the query,
-        # which is the slow part (a libvirt round trip and the domain's job lock).
-        host_read = asyncio.ensure_future(self.network.read(report.nic.ifname))
-        host_read.add_done_callback(_consume)
-        try:
-            return await self._sync_with(nic, cause, progress, hypervisor, host_read, where, failed)
-        finally:
-            host_read.cancel()
-
-    async def _sync_with(
-        self,
-        nic: NicSync,
-        cause: str,
-        progress: _Progress,
-        hypervisor: Hypervisor,
-        host_read: asyncio.Future[HostState | None],
-        where: dict[str, Any],
-        failed: Callable[..., bool],
-    ) -> bool:
-        report = nic.report
         assert report.nic.ifname is not None
         self.stats.queries += 1
         progress.stage = "query"
