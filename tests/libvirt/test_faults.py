@@ -440,11 +440,13 @@ def test_a_guest_flipping_its_filter_costs_bounded_syncs_and_lands(
     }
     applied = [r for r in records if r.get("event") == "applied"]
     last = {r["field"]: r["new"] for r in applied}
-    assert last.keys() >= {"promiscuous", "allmulti"}
+    assert last.keys() & {"promiscuous", "allmulti"}, "the burst applied nothing"
     assert final_mac == last.get("mac", MAC0)
+    # A field no sync ever found different (the queries sample a moving guest) must
+    # still be where the first sync left it: off, like the guest before the loop.
     for name, now in (("promiscuous", final_promisc), ("allmulti", final_allmulti)):
         if name not in abandoned:
-            assert now == last[name], (name, now, last)
+            assert now == last.get(name, False), (name, now, last)
 
 
 # --------------------------------------------------------------------------- stuck domain
