@@ -577,7 +577,11 @@ class Daemon:
         assert nic.report.nic.ifname is not None
         # The host read does not need the guest's answer: overlap it with the query,
         # which is the slow part (a libvirt round trip and the domain's job lock).
-        host_read = asyncio.ensure_future(self.network.read(nic.report.nic.ifname))
+        # A guest's event changes no link facts, only what ioctls read: quick read.
+        # Every other cause (start, resync, retry) reads everything again.
+        host_read = asyncio.ensure_future(
+            self.network.read(nic.report.nic.ifname, quick=cause == "event")
+        )
         host_read.add_done_callback(_consume)
         try:
             return await self._sync_steps(nic, cause, progress, host_read)

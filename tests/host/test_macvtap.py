@@ -237,3 +237,50 @@ async def test_adding_a_host_joined_group(ns: Netns) -> None:
         await hn.apply(state, [mc_change(state, {"33:33:00:00:00:01"})])
         assert (await read(hn, "mvb0")).multicast == frozenset()
     assert ns.maddr("mvb0")["33:33:00:00:00:01"] is False
+
+
+@pytest.mark.parametrize("ifname", ["mvb0", "mvp0"])
+async def test_quick_read_sees_changes_made_behind_our_back(ns: Netns, ifname: str) -> None:
+    # The ioctl path must report what a netlink read reports, whoever changed the link.
+    async with HostNetwork(ns.name) as hn:
+        await read(hn, ifname)  # a full read first: it leaves the link facts behind
+        ns.ip("link", "set", ifname, "address", "52:54:00:0a:0b:0c", "promisc", "on")
+        ns.ip("link", "set", ifname, "allmulticast", "on")
+        ns.ip("maddress", "add", MC1, "dev", ifname)
+        if ifname == "mvp0":
+            ns.bridge("fdb", "add", UC1, "dev", ifname, "self")
+        quick = await hn.read(ifname, quick=True)
+        full = await hn.read(ifname)
+    assert quick is not None
+    assert quick == full
+    assert (quick.mac, quick.promiscuous, quick.allmulti) == ("52:54:00:0a:0b:0c", True, True)
+    assert quick.multicast == {MC1}
+    assert quick.unicast == ({UC1} if ifname == "mvp0" else frozenset())
+
+
+async def test_quick_read_after_recreate_reads_everything(ns: Netns) -> None:
+    async with HostNetwork(ns.name) as hn:
+        before = await read(hn, "mvb0")
+        ns.ip("link", "del", "mvb0")
+        ns.add_macvtap("mvb0", "veth0", "vepa")
+        index = ns.link("mvb0")["ifindex"]
+        after = await hn.read("mvb0", quick=True)
+        ns.ip("link", "del", "mvb0")
+        gone = await hn.read("mvb0", quick=True)
+    assert after is not None
+    # A new ifindex: the remembered mode (bridge) must not be used for it.
+    assert after.ifindex == index != before.ifindex
+    assert after.mode == "vepa"
+    assert gone is None
+
+
+async def test_quick_read_without_a_full_read_first(ns: Netns) -> None:
+    async with HostNetwork(ns.name) as hn:
+        quick = await hn.read("mvb0", quick=True)
+        assert await hn.read("nosuch0", quick=True) is None
+    assert quick is not None
+    assert (quick.mode, quick.mac, quick.ifindex) == (
+        "bridge",
+        ns.mac("mvb0"),
+        ns.link("mvb0")["ifindex"],
+    )

@@ -92,8 +92,10 @@ class FakeNetwork:
         self.refuse: dict[str, int | None] = {}
         # A field whose write never completes (the sync is cut off there).
         self.hang: str | None = None
+        self.reads: list[bool] = []  # quick= of each read
 
-    async def read(self, ifname: str) -> HostState | None:
+    async def read(self, ifname: str, *, quick: bool = False) -> HostState | None:
+        self.reads.append(quick)
         return self.state
 
     async def is_macvtap(self, ifname: str) -> bool:
@@ -280,6 +282,20 @@ def test_guest_changes_are_not_called_drift(records: list[dict[str, Any]]) -> No
     asyncio.run(scenario())
     assert events(records, "drift") == []
     assert len(events(records, "applied")) == 1
+
+
+def test_only_a_guest_event_takes_the_quick_host_read(records: list[dict[str, Any]]) -> None:
+    # An event changes what ioctls read; anything else (start, resync, retry, a guest
+    # reset) may come with a recreated or reconfigured link and reads everything.
+    network = FakeNetwork()
+
+    async def scenario() -> None:
+        daemon = make_daemon(network)
+        for cause in ("start", "event", "resync", "retry", "reset", "event"):
+            await daemon._sync_once(NicSync(nic_report()), cause)
+
+    asyncio.run(scenario())
+    assert network.reads == [False, True, False, False, False, True]
 
 
 def test_a_sync_cut_off_mid_plan_says_what_it_left(records: list[dict[str, Any]]) -> None:
