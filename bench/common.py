@@ -130,6 +130,11 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "git": git,
         "rcu_expedited": rcu_expedited(),
+        # libvirt fsyncs a status file here on every monitor command: tmpfs or not
+        # decides whether a query costs an fsync (see scripts/setup-host).
+        "run_libvirt_fs": subprocess.run(
+            ["stat", "-f", "-c", "%T", "/run/libvirt"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
         "loadavg": loadavg(),
     }
 
