@@ -132,6 +132,10 @@ class Daemon:
         self._hypervisor: Hypervisor | None = None
         # Events tagged with the connection generation they came from.
         self._events: asyncio.Queue[tuple[int, HypervisorEvent]] = asyncio.Queue()
+        # Queued and not yet dispatched (the queue alone cannot say: _serve may hold
+        # one it took out), and whether _serve is following events.
+        self._undispatched = 0
+        self._serving = False
         self._domains: dict[str, DomainSync] = {}
         self._generation = 0
         self._ready = False
@@ -250,8 +254,16 @@ class Daemon:
         log.debug("connected", uri=self.config.libvirt.uri)
 
     def _on_event(self, generation: int, event: HypervisorEvent) -> None:
-        if generation == self._generation:  # events of an old connection are stale
-            self._events.put_nowait((generation, event))
+        if generation != self._generation:  # events of an old connection are stale
+            return
+        # A guest's filter change goes straight to its NIC's worker: the queue's
+        # hand-over to _serve costs loop turns on the latency path. Only with nothing
+        # queued ahead of it, so that events are still dispatched in order.
+        if self._serving and self._undispatched == 0 and isinstance(event, RxFilterChanged):
+            self._dispatch(event)
+            return
+        self._undispatched += 1
+        self._events.put_nowait((generation, event))
 
     async def _serve(self, hypervisor: Hypervisor, stop: asyncio.Event, cause: str) -> str | None:
         """Sync everything, then follow events; the reason if the connection is lost."""
@@ -268,6 +280,7 @@ class Daemon:
         interval = self.config.sync.resync_interval
         next_resync = time.monotonic() + interval if interval > 0 else None
         stop_wait = asyncio.ensure_future(stop.wait())
+        self._serving = True
         try:
             while not stop.is_set():
                 timeout = None if next_resync is None else max(0, next_resync - time.monotonic())
@@ -283,6 +296,7 @@ class Daemon:
                         next_resync = time.monotonic() + interval if interval > 0 else None
                     continue
                 generation, event = get.result()
+                self._undispatched -= 1
                 if generation != self._generation:
                     continue  # queued by a connection that is gone
                 if isinstance(event, ConnectionLost):
@@ -291,6 +305,7 @@ class Daemon:
                     return event.reason
                 self._dispatch(event)
         finally:
+            self._serving = False
             stop_wait.cancel()
         return None
 

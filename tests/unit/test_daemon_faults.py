@@ -26,6 +26,7 @@ from rxfilterd.hypervisor import (
     HypervisorError,
     HypervisorEvent,
     RunningDomain,
+    RxFilterChanged,
 )
 from rxfilterd.inventory import NicReport
 from rxfilterd.macvtap import MacvtapError
@@ -417,6 +418,43 @@ def test_a_start_right_behind_a_stop_is_not_lost(records: list[dict[str, Any]]) 
         ("stopped", "saved"),
         ("started", "restored"),
     ]
+
+
+def test_filter_events_skip_the_queue_only_with_nothing_queued_ahead() -> None:
+    order: list[str] = []
+
+    def dispatch(event: HypervisorEvent) -> None:
+        order.append(event.alias if isinstance(event, RxFilterChanged) else str(event))
+
+    async def scenario() -> None:
+        daemon = make_daemon(FakeNetwork())
+        daemon._dispatch = dispatch  # type: ignore[method-assign]
+        hypervisor = daemon._hypervisor
+        assert hypervisor is not None
+
+        async def no_domains() -> list[RunningDomain]:
+            return []
+
+        hypervisor.running_domains = no_domains  # type: ignore[method-assign]
+        gen = daemon._generation
+        daemon._on_event(gen, RxFilterChanged("u1", "d1", "early", 0.0))  # before serving
+        assert order == []
+        stop = asyncio.Event()
+        serve = asyncio.ensure_future(daemon._serve(hypervisor, stop, "start"))
+        await asyncio.sleep(0.01)
+        assert order == ["early"]
+        daemon._on_event(gen, DomainChanged("u1", "d1", "reboot"))
+        daemon._on_event(gen, RxFilterChanged("u1", "d1", "behind", 0.0))
+        assert order == ["early"]  # both wait for _serve: one is queued ahead
+        await asyncio.sleep(0.01)
+        daemon._on_event(gen, RxFilterChanged("u1", "d1", "direct", 0.0))
+        assert order[-1] == "direct"  # dispatched within the callback
+        stop.set()
+        await serve
+
+    asyncio.run(scenario())
+    assert order[0] == "early" and order[2:] == ["behind", "direct"]
+    assert "reboot" in order[1]
 
 
 class ScriptedHypervisor:
