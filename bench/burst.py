@@ -32,6 +32,7 @@ from bench.common import (
     out_dir,
     print_profile,
     profile_summary,
+    py_spy,
     require_stack,
     stop_profiler,
     write_json,
@@ -138,6 +139,8 @@ def main() -> None:
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--out", help="directory for the JSON results, logs and profile")
     args = parser.parse_args()
+    if args.profile:
+        py_spy()  # before any guest starts: say now if it is missing
     check_prefix()
     require_stack()
     out = out_dir("burst", args.out)

@@ -446,7 +446,7 @@ class BenchDaemon:
             env["RXFB_TRACE"] = "1"
         cmd = [sys.executable, "-m", "bench.counted_daemon", "--config", str(self.config)]
         if self.profile is not None:
-            spy = str(Path(sys.executable).parent / "py-spy")
+            spy = py_spy()
             cmd = [spy, "record", "--rate", str(self.profile_rate), "--format", "raw", "--gil"]
             cmd += ["-o", str(self.profile), "--", *cmd_daemon(self.config)]
         log = self.log_path.open("ab")
@@ -613,9 +613,20 @@ def print_profile(title: str, summary: dict[str, Any]) -> None:
             print(f"    {share:5.1f}%  {count:6d}  {name}")
 
 
+def py_spy() -> str:
+    """The venv's py-spy; a clear exit when it is not installed."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        raise SystemExit(
+            f"{spy} not found: install the benchmark extra (.venv/bin/pip install -e '.[bench]')"
+            " or run without profiling (--no-profile)"
+        )
+    return str(spy)
+
+
 def attach_profiler(pid: int, raw: Path, rate: int = 100) -> subprocess.Popen[bytes]:
     """`py-spy record` attached to PID until stop_profiler (raw collapsed stacks)."""
-    spy = str(Path(sys.executable).parent / "py-spy")
+    spy = py_spy()
     # --gil: only the thread holding the GIL, i.e. where rxfilterd's Python CPU time goes
     # (threads blocked in libvirt or poll() would otherwise show up as busy).
     cmd = [spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--gil"]

@@ -31,6 +31,7 @@ from bench.common import (
     proc_cpu_seconds,
     proc_status,
     profile_summary,
+    py_spy,
     require_stack,
     write_json,
 )
@@ -145,6 +146,8 @@ def main() -> None:
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--out", help="directory for the JSON results, logs and profile")
     args = parser.parse_args()
+    if args.profile:
+        py_spy()  # before any guest starts: say now if it is missing
     check_prefix()
     require_stack()
     out = out_dir("scale", args.out)
