@@ -339,9 +339,20 @@ class EventMonitor:
         self._conn: Any = libvirt.open(LIBVIRT_URI)
         self._lock = threading.Lock()
         self.events: list[QemuEvent] = []
-        self._id = libvirt_qemu.qemuMonitorEventRegister(
-            self._conn, None, "NIC_RX_FILTER_CHANGED", self._event, None, 0
-        )
+        self._id: int | None = None
+        self.resume()
+
+    def pause(self) -> None:
+        """Stop receiving events (deregister), e.g. while another subscriber is measured."""
+        if self._id is not None:
+            libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._id)
+            self._id = None
+
+    def resume(self) -> None:
+        if self._id is None:
+            self._id = libvirt_qemu.qemuMonitorEventRegister(
+                self._conn, None, "NIC_RX_FILTER_CHANGED", self._event, None, 0
+            )
 
     def _event(
         self, _conn: Any, dom: Any, _ev: str, seconds: int, micros: int, details: Any, _o: Any
@@ -367,7 +378,7 @@ class EventMonitor:
 
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
-            libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._id)
+            self.pause()
         with contextlib.suppress(libvirt.libvirtError):
             self._conn.close()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -62,6 +63,7 @@ class Sample:
     event_received: float | None
     host_time: float | None
     others_running: int  # other engineers' rxfilterd processes seen at the change
+    started: float = 0.0  # when the bench sent the guest its command
     # NIC_RX_FILTER_CHANGED events from the change's first to the host showing it:
     # more than one means QEMU reported the new MAC only on a later event (the guest
     # was slow to program it), which both paths then pay.
@@ -96,17 +98,30 @@ def with_steps(samples: list[Sample], records: list[dict[str, Any]]) -> list[Sam
     reads = [r for r in records if r.get("event") == "bench-read"]
     applies = [r for r in records if r.get("event") == "bench-apply" and "mac" in r["fields"]]
     stamps = [tuple(x) for r in records if r.get("event") == "bench-stamps" for x in r["stamps"]]
-    callbacks = sorted(t for what, t, _ in stamps if what == "callback")
+    # (QEMU's timestamp, when rxfilterd's callback ran) of each event for net0.
+    callbacks = sorted(
+        (float(d.split(" ", 1)[0]), t)
+        for what, t, d in stamps
+        if what == "callback" and json.loads(d.split(" ", 1)[1]).get("name") == "net0"
+    )
     dispatches = sorted(t for what, t, d in stamps if what == "dispatch" and d == "net0")
     calls = sorted(
         (t, float(d.split()[0])) for what, t, d in stamps if what == "call" and '"net0"' in d
     )
     out = []
     for s in samples:
-        if s.qemu_time is None:
+        # The event as rxfilterd's own callback saw it: the first after the command.
+        mine = [c for c in callbacks if c[0] >= s.started]
+        if not mine or s.host_time is None:
             out.append(s)
             continue
-        t = s.qemu_time
+        t = mine[0][0]
+        s = replace(
+            s,
+            qemu_time=t,
+            event_received=mine[0][1],
+            events_before_host=sum(1 for c in mine if c[0] <= s.host_time),
+        )
         q = next((r for r in queries if r["t0"] >= t), None)
         # The host read starts with the query and runs beside it.
         rd = next(
@@ -119,7 +134,7 @@ def with_steps(samples: list[Sample], records: list[dict[str, Any]]) -> list[Sam
         out.append(
             replace(
                 s,
-                callback=next((x for x in callbacks if x >= t), None),
+                callback=mine[0][1],
                 dispatch=next((x for x in dispatches if x >= t), None),
                 query_start=q["t0"] if q else None,
                 call_start=call[0] if call else None,
@@ -184,7 +199,7 @@ def measure(
     block: int,
     macs: Macs,
     nic: int,
-    events: EventMonitor,
+    events: EventMonitor | None,
     links: LinkMonitor,
     settle: float,
     mine: list[int],
@@ -200,7 +215,8 @@ def measure(
             return s.ifindex == ifindex and s.address == mac and s.time >= t
 
         seen = links.wait(shows, timeout=10)
-        firsts = events.of(guest.name, alias, since=started)
+        # Without our own subscription, the event times come from rxfilterd's stamps.
+        firsts = events.of(guest.name, alias, since=started) if events is not None else []
         first = min(firsts, key=lambda e: e.qemu_time) if firsts else None
         samples.append(
             Sample(
@@ -212,7 +228,10 @@ def measure(
                 first.received if first else None,
                 seen.time if seen else None,
                 others,
-                sum(1 for e in firsts if seen is None or e.qemu_time <= seen.time),
+                started=started,
+                events_before_host=sum(
+                    1 for e in firsts if seen is None or e.qemu_time <= seen.time
+                ),
             )
         )
         time.sleep(settle)  # let follow-up events (multicast) and their syncs finish
@@ -358,12 +377,18 @@ def main() -> None:
                 }
                 load_before = loadavg()
                 workdir = out / f"daemon-rcu{mode}-b{block}"
-                with BenchDaemon(workdir, trace=args.trace) as daemon:
-                    daemon.wait_ready()
-                    ours = measure(
-                        guest, "eth0", "net0", mvt.ifindex, "rxfilterd", n,
-                        nic=0, mine=[daemon.pid], **common,
-                    )  # fmt: skip
+                # Our own subscription would be served before rxfilterd's (libvirtd
+                # sends events in registration order): off while rxfilterd is measured.
+                events.pause()
+                try:
+                    with BenchDaemon(workdir, trace=args.trace) as daemon:
+                        daemon.wait_ready()
+                        ours = measure(
+                            guest, "eth0", "net0", mvt.ifindex, "rxfilterd", n,
+                            nic=0, mine=[daemon.pid], **{**common, "events": None},
+                        )  # fmt: skip
+                finally:
+                    events.resume()
                 samples += with_steps(ours, daemon.records())
                 samples += measure(
                     guest, "eth1", "net1", int(shown["ifindex"]), "libvirt", n,
