@@ -327,6 +327,12 @@ def main() -> None:
         action="store_false",
         help="do not log rxfilterd's steps (query, read, apply) to split its latency",
     )
+    parser.add_argument(
+        "--daemon-nice",
+        type=int,
+        default=0,
+        help="run rxfilterd at this niceness (e.g. -5, as Nice=-5 in a unit drop-in)",
+    )
     parser.add_argument("--out", help="directory for the JSON results and logs")
     args = parser.parse_args()
     check_prefix()
@@ -381,7 +387,8 @@ def main() -> None:
                 # sends events in registration order): off while rxfilterd is measured.
                 events.pause()
                 try:
-                    with BenchDaemon(workdir, trace=args.trace) as daemon:
+                    bench_daemon = BenchDaemon(workdir, trace=args.trace, nice=args.daemon_nice)
+                    with bench_daemon as daemon:
                         daemon.wait_ready()
                         ours = measure(
                             guest, "eth0", "net0", mvt.ifindex, "rxfilterd", n,
