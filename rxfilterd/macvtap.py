@@ -464,7 +464,9 @@ def _rx_vlan_filter(ifname: str) -> bool:
 
 
 def _ioctl_socket() -> socket.socket:
-    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # Any family reaches the device ioctls; AF_UNIX stays allowed where a unit's
+    # RestrictAddressFamilies= drops AF_INET (MQTT off).
+    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
 
 async def _open_in_netns(netns: str, path: str) -> int:
