@@ -184,27 +184,11 @@ class HostNetwork:
         if kind != "macvtap":
             raise MacvtapError(ifname, "read", None, f"is a {kind or 'plain'} link, not a macvtap")
         ifindex: int = msg["index"]
-        mac = parse_mac(msg.get_attr("IFLA_ADDRESS"))
-        flags: int = msg["flags"]
-        unicast: frozenset[str] = frozenset()
-        if mode == "passthru":
-            # Other modes refuse unicast entries, so only passthru pays for the dump.
-            unicast = await self._unicast(ifname, ifindex, mac)
-        static, joined = self._multicast(ifindex)
         lower, vlan_filter = await self._lower_vlan_filter(msg)
-        self._remember(_LinkFacts(ifindex, mode, lower, vlan_filter, time.monotonic()), ifname)
-        return HostState(
-            ifname=ifname,
-            ifindex=ifindex,
-            mode=mode,
-            mac=mac,
-            promiscuous=bool(flags & IFF_PROMISC),
-            allmulti=bool(flags & IFF_ALLMULTI),
-            multicast=static,
-            multicast_host=joined,
-            unicast=unicast,
-            lower=lower,
-            lower_vlan_filter=vlan_filter,
+        facts = _LinkFacts(ifindex, mode, lower, vlan_filter, time.monotonic())
+        self._remember(facts, ifname)
+        return await self._state(
+            ifname, facts, parse_mac(msg.get_attr("IFLA_ADDRESS")), msg["flags"]
         )
 
     async def _quick_read(self, ifname: str) -> HostState | None:
@@ -221,9 +205,13 @@ class HostNetwork:
             return None  # gone, or odd: the full read says what
         if family != ARPHRD_ETHER:
             return None
-        mac = from_bytes(hwaddr)
+        return await self._state(ifname, facts, from_bytes(hwaddr), flags)
+
+    async def _state(self, ifname: str, facts: _LinkFacts, mac: str, flags: int) -> HostState:
+        """The HostState of a macvtap whose link facts, MAC and flags were just read."""
         unicast: frozenset[str] = frozenset()
         if facts.mode == "passthru":
+            # Other modes refuse unicast entries, so only passthru pays for the dump.
             unicast = await self._unicast(ifname, facts.ifindex, mac)
         static, joined = self._multicast(facts.ifindex)
         return HostState(
