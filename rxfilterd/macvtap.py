@@ -36,7 +36,7 @@ CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"
 # How long a lower device's VLAN filtering is trusted without asking again.
 LOWER_CACHE_SECONDS = 30.0
-# How long a quick read trusts a macvtap's mode and lower device from a full read.
+# How long a quick read trusts a macvtap's mode and lower device index from a full read.
 LINK_CACHE_SECONDS = 30.0
 SIOCGIFFLAGS = 0x8913
 SIOCGIFHWADDR = 0x8927
@@ -99,8 +99,7 @@ class _LinkFacts:
 
     ifindex: int
     mode: str
-    lower: str
-    lower_vlan_filter: LowerVlanFilter
+    lower_index: int | None  # None: no lower device in our namespace
     read_at: float
 
 
@@ -168,9 +167,10 @@ class HostNetwork:
     async def read(self, ifname: str, *, quick: bool = False) -> HostState | None:
         """The macvtap's filter; None if there is no such link.
 
-        quick: take the MAC and flags from ioctls and the mode and lower device from
-        the last full read (if under LINK_CACHE_SECONDS old and the ifindex is the
-        same). A netlink read costs ~0.7 ms of Python that would compete for the GIL
+        quick: take the MAC and flags from ioctls and the mode and lower device's index
+        from the last full read (if under LINK_CACHE_SECONDS old and the ifindex is the
+        same); the lower device's VLAN filtering comes from the same cache as in a full
+        read. A netlink read costs ~0.7 ms of Python that would compete for the GIL
         with the query it runs beside; the ioctls cost microseconds.
         """
         if quick:
@@ -183,9 +183,10 @@ class HostNetwork:
         kind, mode = _kind_mode(msg)
         if kind != "macvtap":
             raise MacvtapError(ifname, "read", None, f"is a {kind or 'plain'} link, not a macvtap")
-        ifindex: int = msg["index"]
-        lower, vlan_filter = await self._lower_vlan_filter(msg)
-        facts = _LinkFacts(ifindex, mode, lower, vlan_filter, time.monotonic())
+        lower_index = msg.get_attr("IFLA_LINK")
+        if not lower_index or msg.get_attr("IFLA_LINK_NETNSID") is not None:
+            lower_index = None  # the lower device lives in another namespace
+        facts = _LinkFacts(msg["index"], mode, lower_index, time.monotonic())
         self._remember(facts, ifname)
         return await self._state(
             ifname, facts, parse_mac(msg.get_attr("IFLA_ADDRESS")), msg["flags"]
@@ -214,6 +215,7 @@ class HostNetwork:
             # Other modes refuse unicast entries, so only passthru pays for the dump.
             unicast = await self._unicast(ifname, facts.ifindex, mac)
         static, joined = self._multicast(facts.ifindex)
+        lower, vlan_filter = await self._lower_vlan_filter(facts.lower_index)
         return HostState(
             ifname=ifname,
             ifindex=facts.ifindex,
@@ -224,8 +226,8 @@ class HostNetwork:
             multicast=static,
             multicast_host=joined,
             unicast=unicast,
-            lower=facts.lower,
-            lower_vlan_filter=facts.lower_vlan_filter,
+            lower=lower,
+            lower_vlan_filter=vlan_filter,
         )
 
     def _remember(self, facts: _LinkFacts, ifname: str) -> None:
@@ -249,15 +251,14 @@ class HostNetwork:
         (index,) = struct.unpack_from("i", self._ifreq(ifname, SIOCGIFINDEX), IFNAMSIZ)
         return int(index)
 
-    async def _lower_vlan_filter(self, msg: Any) -> tuple[str, LowerVlanFilter]:
-        """The macvtap's lower device and whether it drops VLAN ids nobody registered.
+    async def _lower_vlan_filter(self, index: int | None) -> tuple[str, LowerVlanFilter]:
+        """The lower device INDEX's name and whether it drops VLAN ids nobody registered.
 
         Never raises: what cannot be read is "unknown", and the plan then falls back
         to what is safe for the guest (promiscuous).
         """
-        index = msg.get_attr("IFLA_LINK")
-        if not index or msg.get_attr("IFLA_LINK_NETNSID") is not None:
-            return "", "unknown"  # the lower device lives in another namespace
+        if index is None:
+            return "", "unknown"
         cached = self._lower_cache.get(index)
         if cached is not None and time.monotonic() - cached[0] < LOWER_CACHE_SECONDS:
             return cached[1], cached[2]
