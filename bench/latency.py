@@ -7,24 +7,30 @@ qemuMonitorEventRegister subscription), the end is the kernel's RTM_NEWLINK noti
 with the new address (our own RTNLGRP_LINK socket, stamped on arrival).
 
 rxfilterd runs only while its NIC is measured and is stopped while libvirt's is, so the
-libvirt figures are libvirt alone (rxfilterd would race it on the direct NIC). The two
-paths alternate in blocks, in each /sys/kernel/rcu_expedited mode asked for; the original
-mode is restored at the end.
+libvirt figures are libvirt alone (rxfilterd would race it on the direct NIC). The paths
+alternate in blocks, in each /sys/kernel/rcu_expedited mode asked for; the original
+mode is restored at the end. With --floor a third path takes rxfilterd's place on net0
+in each block: bench.floor_client, the least any client outside libvirtd can do.
 
-    .venv/bin/python -m bench.latency [--changes 50] [--blocks 5] [--modes 0,1]
+    .venv/bin/python -m bench.latency [--changes 50] [--blocks 5] [--modes 0,1] [--floor]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    REPO,
     BenchDaemon,
     EventMonitor,
     LinkMonitor,
@@ -40,6 +46,7 @@ from bench.common import (
     write_json,
 )
 from tests.support.guest import (
+    LIBVIRT_URI,
     DirectNic,
     EthernetNic,
     Guest,
@@ -55,7 +62,7 @@ MAC_DIRECT = "52:54:00:fb:00:02"
 
 @dataclass(frozen=True)
 class Sample:
-    path: str  # "rxfilterd" or "libvirt"
+    path: str  # "rxfilterd", "libvirt" or "floor"
     rcu_expedited: int
     block: int
     mac: str
@@ -148,6 +155,32 @@ def with_steps(samples: list[Sample], records: list[dict[str, Any]]) -> list[Sam
     return out
 
 
+def with_floor_stamps(samples: list[Sample], stamps: list[list[Any]]) -> list[Sample]:
+    """Attach the floor client's stamps (see bench.floor_client) to each of its samples."""
+    rows = sorted(stamps)
+    out = []
+    for s in samples:
+        mine = [r for r in rows if r[0] >= s.started]
+        if not mine or s.host_time is None:
+            out.append(s)
+            continue
+        qemu, callback, call_start, call_end, written, _what = mine[0]
+        out.append(
+            replace(
+                s,
+                qemu_time=qemu,
+                event_received=callback,
+                events_before_host=sum(1 for r in mine if r[0] <= s.host_time),
+                callback=callback,
+                call_start=call_start,
+                call_end=call_end,
+                apply_start=call_end,
+                apply_end=written,
+            )
+        )
+    return out
+
+
 # Consecutive points on rxfilterd's path; each step is the time from one to the next.
 STEP_POINTS = (
     ("qemu_time", "callback", "event to libvirt's callback (RPC hop)"),
@@ -161,21 +194,70 @@ STEP_POINTS = (
 )
 
 
-def steps(samples: list[Sample]) -> dict[str, Any]:
-    """rxfilterd's latency split into its steps (ms summaries), plus the overlapped read."""
-    parts: dict[str, list[float]] = {label: [] for _a, _b, label in STEP_POINTS}
+# The floor client's path: everything happens on libvirt's event thread.
+FLOOR_POINTS = (
+    ("qemu_time", "callback", "event to libvirt's callback (RPC hop)"),
+    ("callback", "call_start", "callback to libvirt call (same thread)"),
+    ("call_start", "call_end", "qemuMonitorCommand round trip"),
+    ("apply_start", "host_time", "ioctl write to the kernel's notification"),
+)
+
+
+def steps(samples: list[Sample], points: tuple[tuple[str, str, str], ...]) -> dict[str, Any]:
+    """A path's latency split into its steps (ms summaries), plus the overlapped read."""
+    parts: dict[str, list[float]] = {label: [] for _a, _b, label in points}
     parts["host read ended after the query by"] = []
     for s in samples:
         # Another rxfilterd may have written the MAC first: such a sample has no steps.
         if s.others_running:
             continue
-        for a, b, label in STEP_POINTS:
+        for a, b, label in points:
             start, end = getattr(s, a), getattr(s, b)
             if start is not None and end is not None:
                 parts[label].append(end - start)
         if s.read_end is not None and s.query_end is not None:
             parts["host read ended after the query by"].append(max(0.0, s.read_end - s.query_end))
     return {k: summary_ms(v) for k, v in parts.items()}
+
+
+class FloorClient:
+    """bench.floor_client for one NIC, as a process of its own (as rxfilterd is)."""
+
+    def __init__(self, workdir: Path, domain: str, ifname: str, alias: str = "net0") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._stamps_path = workdir / "floor-stamps.json"
+        self._cmd = [
+            sys.executable, "-m", "bench.floor_client", "--uri", LIBVIRT_URI,
+            "--domain", domain, "--alias", alias, "--ifname", ifname,
+            "--stamps", str(self._stamps_path),
+        ]  # fmt: skip
+        self._proc: subprocess.Popen[str] | None = None
+        self.pid = 0
+        self.stamps: list[list[Any]] = []
+
+    def __enter__(self) -> FloorClient:
+        proc = subprocess.Popen(self._cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        self._proc, self.pid = proc, proc.pid
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # READY once subscribed
+        if line.strip() != "READY":
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"bench.floor_client did not start: {line!r}")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(OSError, ValueError):
+            self.stamps = json.loads(self._stamps_path.read_text())
 
 
 class Macs:
@@ -249,11 +331,29 @@ def query_rtts(guest: Guest, alias: str, count: int) -> list[float]:
     return rtts
 
 
+PATH_STEPS = {"rxfilterd": STEP_POINTS, "floor": FLOOR_POINTS}
+
+
+def paths_of(samples: list[Sample]) -> list[str]:
+    return [p for p in ("rxfilterd", "floor", "libvirt") if any(s.path == p for s in samples)]
+
+
+def difference(mode: dict[str, Any], a: str, b: str) -> dict[str, float]:
+    diff = {}
+    for key in ("p50", "p95", "p99"):
+        x = mode[a]["latency_ms"].get(key)
+        y = mode[b]["latency_ms"].get(key)
+        if x is not None and y is not None:
+            diff[key] = round(x - y, 2)
+    return diff
+
+
 def report(samples: list[Sample], modes: list[int], rtts: dict[int, list[float]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    paths = paths_of(samples)
     for rcu in modes:
         mode: dict[str, Any] = {"client_query_rtt_ms": summary_ms(rtts.get(rcu, []))}
-        for path in ("rxfilterd", "libvirt"):
+        for path in paths:
             mine = [s for s in samples if s.path == path and s.rcu_expedited == rcu]
             lat = [x for s in mine if (x := s.latency) is not None]
             clean = [x for s in mine if (x := s.latency) is not None and s.others_running == 0]
@@ -267,15 +367,12 @@ def report(samples: list[Sample], modes: list[int], rtts: dict[int, list[float]]
                 "event_hop_ms": summary_ms(hop),
                 "missing": len(mine) - len(lat),
                 "samples_with_other_rxfilterd": sum(1 for s in mine if s.others_running),
-                "steps_ms": steps(mine) if path == "rxfilterd" else {},
+                "steps_ms": steps(mine, PATH_STEPS[path]) if path in PATH_STEPS else {},
             }
-        diff = {}
-        for key in ("p50", "p95", "p99"):
-            a = mode["rxfilterd"]["latency_ms"].get(key)
-            b = mode["libvirt"]["latency_ms"].get(key)
-            if a is not None and b is not None:
-                diff[key] = round(a - b, 2)
-        mode["rxfilterd_minus_libvirt_ms"] = diff
+        mode["rxfilterd_minus_libvirt_ms"] = difference(mode, "rxfilterd", "libvirt")
+        if "floor" in paths:
+            mode["floor_minus_libvirt_ms"] = difference(mode, "floor", "libvirt")
+            mode["rxfilterd_minus_floor_ms"] = difference(mode, "rxfilterd", "floor")
         out[f"rcu_expedited={rcu}"] = mode
     return out
 
@@ -287,7 +384,9 @@ def print_report(result: dict[str, Any]) -> None:
         print(
             f"  query-rx-filter round trip, plain client: p50={rtt.get('p50')} p95={rtt.get('p95')}"
         )
-        for path in ("rxfilterd", "libvirt"):
+        for path in ("rxfilterd", "floor", "libvirt"):
+            if path not in data:
+                continue
             d = data[path]
             lat = d["latency_ms"]
             hop = d["event_hop_ms"]
@@ -309,10 +408,13 @@ def print_report(result: dict[str, Any]) -> None:
                     f"  {'':9s} without other rxfilterd: n={clean['n']} p50={clean['p50']}"
                     f" p95={clean['p95']} p99={clean['p99']} ms"
                 )
-        print(f"  rxfilterd - libvirt: {data['rxfilterd_minus_libvirt_ms']} ms")
-        for step, st in data["rxfilterd"]["steps_ms"].items():
-            if st.get("n"):
-                print(f"    rxfilterd step {step:48s} p50={st['p50']} p95={st['p95']} ms")
+        for a, b in (("rxfilterd", "libvirt"), ("floor", "libvirt"), ("rxfilterd", "floor")):
+            if f"{a}_minus_{b}_ms" in data:
+                print(f"  {a} - {b}: {data[f'{a}_minus_{b}_ms']} ms")
+        for path in PATH_STEPS:
+            for step, st in data.get(path, {}).get("steps_ms", {}).items():
+                if st.get("n"):
+                    print(f"    {path:9s} step {step:48s} p50={st['p50']} p95={st['p95']} ms")
 
 
 def main() -> None:
@@ -332,6 +434,11 @@ def main() -> None:
         type=int,
         default=0,
         help="run rxfilterd at this niceness (e.g. -5, as Nice=-5 in a unit drop-in)",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure bench.floor_client on net0: the least any external client pays",
     )
     parser.add_argument("--out", help="directory for the JSON results and logs")
     args = parser.parse_args()
@@ -397,6 +504,18 @@ def main() -> None:
                 finally:
                     events.resume()
                 samples += with_steps(ours, daemon.records())
+                if args.floor:
+                    events.pause()
+                    try:
+                        floor = FloorClient(out / f"floor-rcu{mode}-b{block}", guest.name, mvt.name)
+                        with floor:
+                            least = measure(
+                                guest, "eth0", "net0", mvt.ifindex, "floor", n,
+                                nic=0, mine=[floor.pid], **{**common, "events": None},
+                            )  # fmt: skip
+                    finally:
+                        events.resume()
+                    samples += with_floor_stamps(least, floor.stamps)
                 samples += measure(
                     guest, "eth1", "net1", int(shown["ifindex"]), "libvirt", n,
                     nic=1, mine=[], **common,
