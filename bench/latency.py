@@ -190,7 +190,7 @@ STEP_POINTS = (
     ("call_start", "call_end", "qemuMonitorCommand round trip"),
     ("call_end", "query_end", "call return to the loop"),
     ("query_end", "apply_start", "parse, plan (host read overlapped)"),
-    ("apply_start", "host_time", "netlink write to the kernel's notification"),
+    ("apply_start", "host_time", "MAC write to the kernel's notification"),
 )
 
 
