@@ -17,8 +17,9 @@ import pytest
 import structlog
 
 from rxfilterd import daemon as daemon_mod
+from rxfilterd import nic_sync
 from rxfilterd.config import Config, LibvirtSettings, SyncSettings
-from rxfilterd.daemon import Daemon, DomainSync, NicSync
+from rxfilterd.daemon import Daemon, DomainSync
 from rxfilterd.host_state import HostState
 from rxfilterd.hypervisor import (
     ConnectionLost,
@@ -31,6 +32,7 @@ from rxfilterd.hypervisor import (
 from rxfilterd.inventory import NicReport
 from rxfilterd.macvtap import MacvtapError
 from rxfilterd.nic import Nic, Verdict
+from rxfilterd.nic_sync import NicSync
 from rxfilterd.plan import Change, MacChange
 from rxfilterd.trust import Trust
 from tests.support.qmp import rx_filter_entry, rx_filter_reply
@@ -535,7 +537,7 @@ def test_libvirt_away_and_back_are_said_once_each(
 def test_a_query_failing_as_the_domain_dies_is_no_failure(
     records: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, running: bool
 ) -> None:
-    monkeypatch.setattr(daemon_mod, "QUERY_SETTLE", 0.01)
+    monkeypatch.setattr(nic_sync, "QUERY_SETTLE", 0.01)
     hypervisor = FakeHypervisor()
     hypervisor.error = HypervisorError("Unable to read from monitor: Connection reset by peer")
     hypervisor.running = running
