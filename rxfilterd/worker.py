@@ -44,7 +44,7 @@ class CoalescingWorker:
         self._wake = asyncio.Event()
         self._cause = ""
         self._timer: asyncio.TimerHandle | None = None
-        self._current: asyncio.Future[None] | None = None
+        self._running = False
         self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
 
@@ -76,10 +76,11 @@ class CoalescingWorker:
                 return
             self._wake.clear()
             cause, self._cause = self._cause, ""
-            # A separate future, so stop() can give a run in flight time to finish.
-            self._current = asyncio.ensure_future(self._job(cause))
+            # Awaited in this task, not in one of its own: a new task would cost a
+            # loop turn before the job starts, on the path a guest's change waits on.
+            self._running = True
             try:
-                await self._current
+                await self._job(cause)
             except asyncio.CancelledError:
                 if self._stopping or self._task.cancelling():
                     raise
@@ -87,7 +88,7 @@ class CoalescingWorker:
             except Exception:  # a bug must cost one run, not the worker
                 log.exception("worker job failed", worker=self.name)
             finally:
-                self._current = None
+                self._running = False
             # Kicked while it ran: the guest was still changing.
             self._followup = self._wake.is_set()
 
@@ -129,9 +130,9 @@ class CoalescingWorker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        current = self._current
-        if grace > 0 and current is not None and not current.done():
-            await asyncio.wait({current}, timeout=grace)
+        if grace > 0 and self._running:
+            # The loop in _run ends after this run, since _stopping is set.
+            await asyncio.wait({self._task}, timeout=grace)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -139,7 +140,7 @@ class CoalescingWorker:
     @property
     def busy(self) -> bool:
         """A run is in flight."""
-        return self._current is not None and not self._current.done()
+        return self._running
 
     @property
     def stopped(self) -> bool:
