@@ -308,8 +308,8 @@ class HostNetwork:
         if not changes:
             return
         self._check_same_link(state)
-        for change in changes:
-            await self._apply_one(state, change)
+        for n, change in enumerate(changes):
+            await self._apply_one(state, change, checked=n == 0)
 
     def _check_same_link(self, state: HostState) -> None:
         if not self._same_link(state):
@@ -330,15 +330,17 @@ class HostNetwork:
         except OSError:
             return False
 
-    async def _apply_one(self, state: HostState, change: Change) -> None:
+    async def _apply_one(self, state: HostState, change: Change, *, checked: bool) -> None:
+        """CHECKED: the link was checked with no await since (ioctls name the link)."""
         index = state.ifindex
         if isinstance(change, MacChange):
             mac = parse_mac(change.new)
             # By ioctl, as libvirt's virNetDevSetMAC: a pyroute2 request costs ~0.6 ms
             # of Python and loop turns here, on the path a guest's MAC change waits
-            # on. The ioctl names the link: check that name's ifindex right before,
-            # with no await between, so that it is still the link STATE describes.
-            self._check_same_link(state)
+            # on. The ioctl names the link: its ifindex is checked right before, with
+            # no await between, so that it is still the link STATE describes.
+            if not checked:
+                self._check_same_link(state)
             try:
                 self._set_mac(state.ifname, mac)
             except OSError as exc:
