@@ -334,7 +334,7 @@ def test_mac_in_use_fails_clearly_retries_and_spares_the_other_nic(
     assert not lines(daemon, "failed", alias="net1")
 
 
-def test_netlink_refusing_with_eperm_is_said_and_retried(
+def test_the_host_refusing_a_write_with_eperm_is_said_and_retried(
     lv: PrivateLibvirtd, two_nics: TwoNics, tmp_path: Path
 ) -> None:
     guest, a = two_nics.guest, two_nics.a
