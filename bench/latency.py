@@ -538,7 +538,7 @@ def main() -> None:
     result = report(samples, modes, rtts)
     for mode in modes:
         loads = [p for p in phases if p["rcu"] == mode]
-        for path in ("rxfilterd", "libvirt"):
+        for path in paths_of(samples):
             result[f"rcu_expedited={mode}"][path]["loadavg"] = sorted(
                 {p["loadavg_before"] for p in loads} | {p["loadavg_after"] for p in loads}
             )
