@@ -652,9 +652,14 @@ def attach_profiler(pid: int, raw: Path, rate: int = 100) -> subprocess.Popen[by
 
 
 def stop_profiler(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
+    end_process(proc, signal.SIGINT, timeout=30)
+
+
+def end_process(proc: subprocess.Popen[Any], sig: int, timeout: float) -> None:
+    """Send SIG and wait up to TIMEOUT seconds; then kill."""
+    proc.send_signal(sig)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

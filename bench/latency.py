@@ -37,6 +37,7 @@ from bench.common import (
     LinkSample,
     RcuMode,
     check_prefix,
+    end_process,
     loadavg,
     machine,
     other_rxfilterd,
@@ -250,12 +251,7 @@ class FloorClient:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end_process(proc, signal.SIGTERM, timeout=10)
         with contextlib.suppress(OSError, ValueError):
             self.stamps = json.loads(self._stamps_path.read_text())
 
