@@ -240,21 +240,17 @@ class HostNetwork:
             }
         self._links[ifname] = facts
 
-    def _ifreq(self, ifname: str, request: int) -> bytes:
-        """An interface ioctl on a struct ifreq for IFNAME; the filled-in struct."""
+    def _ifreq(self, ifname: str, request: int, data: bytes = bytes(24)) -> bytes:
+        """An interface ioctl on a struct ifreq for IFNAME (DATA: its union); the result."""
         assert self._sock is not None, "HostNetwork used outside 'async with'"
         name = ifname.encode()
         if not name or len(name) >= IFNAMSIZ:
             raise OSError(errnos.ENODEV, f"no such interface name: {ifname!r}")
-        return fcntl.ioctl(self._sock, request, struct.pack("16s24x", name))
+        return fcntl.ioctl(self._sock, request, struct.pack("16s24s", name, data))
 
     def _set_mac(self, ifname: str, mac: str) -> None:
-        assert self._sock is not None, "HostNetwork used outside 'async with'"
-        name = ifname.encode()
-        if not name or len(name) >= IFNAMSIZ:
-            raise OSError(errnos.ENODEV, f"no such interface name: {ifname!r}")
         raw = bytes.fromhex(mac.replace(":", ""))
-        fcntl.ioctl(self._sock, SIOCSIFHWADDR, struct.pack("16sH6s8x", name, ARPHRD_ETHER, raw))
+        self._ifreq(ifname, SIOCSIFHWADDR, struct.pack("H6s16x", ARPHRD_ETHER, raw))
 
     def _ifindex(self, ifname: str) -> int:
         (index,) = struct.unpack_from("i", self._ifreq(ifname, SIOCGIFINDEX), IFNAMSIZ)
