@@ -263,6 +263,12 @@ def test_a_change_made_while_the_daemon_was_away_lands_on_restart(
         # Re-armed: QEMU emits events again, and they are followed.
         guest.set_mac("52:54:00:aa:bb:dd")
         wait_until(lambda: host_mac(mvt.name) == "52:54:00:aa:bb:dd", 5, "MAC after re-arm")
+        # The line follows the write: wait for it rather than race it.
+        daemon.wait_for(
+            lambda r: r.get("event") == "applied" and r.get("new") == "52:54:00:aa:bb:dd",
+            5,
+            "the re-armed change's line",
+        )
         causes = {
             r.get("cause")
             for r in daemon.records()
