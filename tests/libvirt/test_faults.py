@@ -72,6 +72,16 @@ def wait_line(daemon: RunningDaemon, event: str, timeout: float = 10, **match: o
     )
 
 
+def wait_quiet(daemon: RunningDaemon, seconds: float = 0.5, timeout: float = 10) -> None:
+    """Until no filter event has reached the daemon for SECONDS: the guest is done."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = len(lines(daemon, "rx-filter event"))
+        if holds_for(lambda: len(lines(daemon, "rx-filter event")) == seen, seconds):  # noqa: B023 - called at once
+            return
+    raise AssertionError(f"the guest's filter events did not stop within {timeout} s")
+
+
 def make_daemon(
     workdir: Path,
     lv: PrivateLibvirtd,
@@ -204,6 +214,9 @@ def test_reset_plug_unplug_restore_and_stop(
         wait_line(daemon, "syncing", domain=guest.name, alias="net0")
         guest.set_mac("52:54:00:30:20:01")
         wait_until(lambda: host_mac(mvt.name) == "52:54:00:30:20:01", 5, "MAC before reset")
+        # The guest's own follow-ups (its new solicited-node group) first: a sync of
+        # theirs still pending at the reset would be the one to find the reset state.
+        wait_quiet(daemon)
 
         # Reset: QEMU restores the configured MAC and says nothing about the NIC.
         guest.reset()
