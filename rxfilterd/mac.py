@@ -27,5 +27,10 @@ def is_zero(mac: str) -> bool:
     return mac == "00:00:00:00:00:00"
 
 
+def to_bytes(mac: str) -> bytes:
+    """The six octets of a MAC from parse_mac."""
+    return bytes.fromhex(mac.replace(":", ""))
+
+
 def from_bytes(raw: bytes) -> str:
     return ":".join(f"{octet:02x}" for octet in raw)

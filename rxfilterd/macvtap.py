@@ -26,7 +26,7 @@ from pyroute2.ethtool.ioctl import IoctlEthtool
 from pyroute2.netlink.exceptions import NetlinkError
 
 from rxfilterd.host_state import HostState, LowerVlanFilter
-from rxfilterd.mac import from_bytes, is_multicast, parse_mac
+from rxfilterd.mac import from_bytes, is_multicast, parse_mac, to_bytes
 from rxfilterd.plan import AddressListChange, Change, FlagChange, MacChange
 
 IFF_PROMISC = 0x100
@@ -249,8 +249,7 @@ class HostNetwork:
         return fcntl.ioctl(self._sock, request, struct.pack("16s24s", name, data))
 
     def _set_mac(self, ifname: str, mac: str) -> None:
-        raw = bytes.fromhex(mac.replace(":", ""))
-        self._ifreq(ifname, SIOCSIFHWADDR, struct.pack("H6s16x", ARPHRD_ETHER, raw))
+        self._ifreq(ifname, SIOCSIFHWADDR, struct.pack("H6s16x", ARPHRD_ETHER, to_bytes(mac)))
 
     def _ifindex(self, ifname: str) -> int:
         (index,) = struct.unpack_from("i", self._ifreq(ifname, SIOCGIFINDEX), IFNAMSIZ)
