@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ from tests.support.guest import (
     link_show,
     prefixed,
 )
+
+# One event as a client saw it: QEMU's timestamp, when its callback ran, then more.
+_Row = Sequence[Any]
 
 MAC_ETHERNET = "52:54:00:fb:00:01"
 MAC_DIRECT = "52:54:00:fb:00:02"
@@ -100,6 +104,24 @@ class Sample:
         return self.event_received - self.qemu_time
 
 
+def timed(s: Sample, events: Sequence[_Row]) -> tuple[Sample, _Row] | None:
+    """S timed by the first event its path's client saw after the command, and that row.
+
+    EVENTS: that client's rows, sorted, each starting with QEMU's timestamp and when
+    the client's callback ran. None when there is no such event or no host time.
+    """
+    mine = [e for e in events if e[0] >= s.started]
+    if not mine or s.host_time is None:
+        return None
+    first = mine[0]
+    return replace(
+        s,
+        qemu_time=first[0],
+        event_received=first[1],
+        events_before_host=sum(1 for e in mine if e[0] <= s.host_time),
+    ), first
+
+
 def with_steps(samples: list[Sample], records: list[dict[str, Any]]) -> list[Sample]:
     """Attach rxfilterd's steps (trace lines and in-memory stamps) to each of its samples."""
     queries = [r for r in records if r.get("event") == "bench-query" and r.get("alias") == "net0"]
@@ -117,19 +139,12 @@ def with_steps(samples: list[Sample], records: list[dict[str, Any]]) -> list[Sam
         (t, float(d.split()[0])) for what, t, d in stamps if what == "call" and '"net0"' in d
     )
     out = []
-    for s in samples:
-        # The event as rxfilterd's own callback saw it: the first after the command.
-        mine = [c for c in callbacks if c[0] >= s.started]
-        if not mine or s.host_time is None:
-            out.append(s)
+    for sample in samples:
+        found = timed(sample, callbacks)
+        if found is None:
+            out.append(sample)
             continue
-        t = mine[0][0]
-        s = replace(
-            s,
-            qemu_time=t,
-            event_received=mine[0][1],
-            events_before_host=sum(1 for c in mine if c[0] <= s.host_time),
-        )
+        s, (t, callback) = found
         q = next((r for r in queries if r["t0"] >= t), None)
         # The host read starts with the query and runs beside it.
         rd = next(
@@ -142,7 +157,7 @@ def with_steps(samples: list[Sample], records: list[dict[str, Any]]) -> list[Sam
         out.append(
             replace(
                 s,
-                callback=mine[0][1],
+                callback=callback,
                 dispatch=next((x for x in dispatches if x >= t), None),
                 query_start=q["t0"] if q else None,
                 call_start=call[0] if call else None,
@@ -160,18 +175,15 @@ def with_floor_stamps(samples: list[Sample], stamps: list[list[Any]]) -> list[Sa
     """Attach the floor client's stamps (see bench.floor_client) to each of its samples."""
     rows = sorted(stamps)
     out = []
-    for s in samples:
-        mine = [r for r in rows if r[0] >= s.started]
-        if not mine or s.host_time is None:
-            out.append(s)
+    for sample in samples:
+        found = timed(sample, rows)
+        if found is None:
+            out.append(sample)
             continue
-        qemu, callback, call_start, call_end, written, _what = mine[0]
+        s, (_qemu, callback, call_start, call_end, written, _what) = found
         out.append(
             replace(
                 s,
-                qemu_time=qemu,
-                event_received=callback,
-                events_before_host=sum(1 for r in mine if r[0] <= s.host_time),
                 callback=callback,
                 call_start=call_start,
                 call_end=call_end,
