@@ -26,9 +26,9 @@ from rxfilterd.hypervisor import (
     HypervisorEvent,
     RxFilterChanged,
 )
-from rxfilterd.inventory import NetworkCache, NicReport, survey_domain
+from rxfilterd.inventory import NicReport, TrustResolver, survey_domain
 from rxfilterd.macvtap import HostNetwork, MacvtapError
-from rxfilterd.nic_sync import NicSync, NicSyncer, retry_delay
+from rxfilterd.nic_sync import NicSync, NicSyncer, SyncOutcome, retry_delay
 from rxfilterd.stats import Stats
 from rxfilterd.worker import CoalescingWorker
 
@@ -92,6 +92,8 @@ class Daemon:
         self._stopping: set[CoalescingWorker] = set()
         self._away_attempts = 0
         self._shutting_down = False
+        # Network ports' trust by port UUID: fixed from plug to unplug, so read once.
+        self._ports: dict[str, bool] = {}
 
     # Decisions: one structured log line each, and the same record to every sink.
     def decide(self, event: str, *, level: str = "info", **fields: Any) -> None:
@@ -270,8 +272,10 @@ class Daemon:
             nic = domain.nics.get(event.alias) if domain else None
             if nic is not None and nic.worker is not None:
                 nic.worker.kick("event")
-            elif domain is None or event.alias not in domain.reports:
-                # A NIC we have not seen (hot-plugged, or a domain just started).
+            elif domain is None or _worth_a_look(domain.reports.get(event.alias)):
+                # A NIC we have not seen (hot-plugged, or a domain just started), or an
+                # untrusted one speaking up: nobody queries it but libvirt, and libvirt
+                # only queries trusted NICs, so its trust may have been granted live.
                 self._domain_worker(event.uuid, event.domain).kick("event")
         elif isinstance(event, DomainChanged):
             log.info("domain event", domain=event.domain, change=event.change, detail=event.detail)
@@ -347,14 +351,14 @@ class Daemon:
             self._error(f"listing domains: {exc}")
             log.warning("cannot list domains", error=str(exc))
             return
-        networks = NetworkCache(hypervisor)
+        trusts = TrustResolver(hypervisor, self._ports)
         seen = set()
         for found in running:
             seen.add(found.uuid)
             self._domain_worker(found.uuid, found.name)
             domain = self._domains[found.uuid]
             try:
-                reports = await survey_domain(found, self.network, networks)
+                reports = await survey_domain(found, self.network, trusts)
             except (HypervisorError, MacvtapError) as exc:
                 log.warning("cannot read domain", domain=found.name, error=str(exc))
                 continue
@@ -362,6 +366,9 @@ class Daemon:
                 self._update_domain(domain, found.name, reports, cause)
         for uuid in set(self._domains) - seen:
             self._drop_domain(uuid, "not running")
+        plugged = {r.nic.portid for d in self._domains.values() for r in d.reports.values()}
+        for portid in set(self._ports) - plugged:
+            del self._ports[portid]
 
     async def _reconcile_domain(self, domain: DomainSync, cause: str) -> None:
         hypervisor = self._hypervisor
@@ -372,7 +379,9 @@ class Daemon:
             if found is None:
                 self._drop_domain(domain.uuid, "not running")
                 return
-            reports = await survey_domain(found, self.network, NetworkCache(hypervisor))
+            reports = await survey_domain(
+                found, self.network, TrustResolver(hypervisor, self._ports)
+            )
         except (HypervisorError, MacvtapError) as exc:
             self._error(f"reading domain {domain.uuid}: {exc}")
             log.warning("cannot read domain", uuid=domain.uuid, error=str(exc))
@@ -397,6 +406,8 @@ class Daemon:
                     if report.verdict.libvirt_syncs:
                         # Said at start so nobody expects the policy to bind libvirt.
                         extra["libvirt_writes"] = list(LIBVIRT_WRITES)
+                if report.trust.note:
+                    extra["trust_note"] = report.trust.note
                 self.decide(
                     "syncing" if report.verdict.action == "sync" else "skipped",
                     domain=name,
@@ -481,6 +492,9 @@ class Daemon:
         workers = [n.worker for n in domain.nics.values() if n.worker is not None]
         if domain.worker is not None:
             workers.append(domain.worker)
+        for report in domain.reports.values():
+            if report.nic.portid:
+                self._ports.pop(report.nic.portid, None)
         if self._hypervisor is not None:
             self._hypervisor.forget(uuid)
         self.stats.nics_synced = sum(len(d.nics) for d in self._domains.values())
@@ -497,12 +511,18 @@ class Daemon:
     async def _sync_nic(self, nic: NicSync, cause: str) -> None:
         """Query, plan, apply. Every failure is logged and retried for this NIC only."""
         try:
-            ok = await self._sync_once(nic, cause)
+            outcome = await self._sync_once(nic, cause)
         finally:
             nic.synced_once.set()
             nic.last_sync = time.time()
             self._publish_nic(nic.report, nic)
-        if ok:
+        if outcome == "stale":
+            # Re-read the domain: it stops this NIC's worker if the NIC is not ours.
+            domain = self._domains.get(nic.report.nic.uuid)
+            if domain is not None and domain.worker is not None:
+                domain.worker.kick("trust")
+            return
+        if outcome == "ok":
             if nic.failures:
                 log.info(
                     "recovered",
@@ -522,14 +542,20 @@ class Daemon:
     def _retry_delay(self, nic: NicSync) -> float:
         return retry_delay(nic.failures, self.config.sync.retry_max)
 
-    async def _sync_once(self, nic: NicSync, cause: str) -> bool:
-        """One query, plan and apply; False when it should be retried."""
+    async def _sync_once(self, nic: NicSync, cause: str) -> SyncOutcome:
+        """One query, plan and apply."""
         hypervisor = self._hypervisor
         if hypervisor is None:
-            return True
+            return "ok"
+        trusts = TrustResolver(hypervisor, self._ports, replug=False)
         return await self._syncer.once(
-            hypervisor, self.config, nic, cause, lambda: self._shutting_down
+            hypervisor, self.config, nic, cause, lambda: self._shutting_down, trusts
         )
+
+
+def _worth_a_look(report: NicReport | None) -> bool:
+    """Whether a filter event for this NIC calls for re-reading its domain."""
+    return report is None or report.verdict.reason == "untrusted"
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -327,6 +327,22 @@ class Hypervisor:
         self._domains[uuid] = dom
         return RunningDomain(uuid, dom.name(), dom.XMLDesc(0))
 
+    async def domain_xml(self, uuid: str) -> str | None:
+        """The running domain's live XML in one call (None if it is not running)."""
+        try:
+            return await self._call(self._domain_xml, uuid)
+        except HypervisorError as exc:
+            if exc.gone:
+                self._domains.pop(uuid, None)
+                return None
+            raise
+
+    def _domain_xml(self, uuid: str) -> str:
+        dom = self._domains.get(uuid)
+        if dom is None:
+            dom = self._domains[uuid] = self._conn.lookupByUUIDString(uuid)
+        return str(dom.XMLDesc(0))
+
     async def network_xml(self, name: str) -> str | None:
         try:
             return await self._call(lambda: self._conn.networkLookupByName(name).XMLDesc(0))
@@ -334,6 +350,19 @@ class Hypervisor:
             if exc.gone:
                 return None
             raise
+
+    async def network_port_xml(self, network: str, portid: str) -> str | None:
+        """A network port's XML (libvirt's record of a plugged NIC), None if there is none."""
+        try:
+            return await self._call(self._network_port_xml, network, portid)
+        except HypervisorError as exc:
+            if exc.gone:
+                return None
+            raise
+
+    def _network_port_xml(self, network: str, portid: str) -> str:
+        net = self._conn.networkLookupByName(network)
+        return str(net.portLookupByUUIDString(portid).XMLDesc(0))
 
     async def query_rx_filter(self, uuid: str, alias: str) -> str:
         """The raw QMP reply to query-rx-filter for ALIAS (re-arms QEMU's event)."""

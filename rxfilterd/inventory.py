@@ -7,13 +7,21 @@ Shared by the daemon (which syncs the NICs marked "sync") and `rxfilterd explain
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from rxfilterd.hypervisor import Hypervisor, RunningDomain
 from rxfilterd.macvtap import HostNetwork, MacvtapError
 from rxfilterd.nic import DomainXmlError, Nic, Verdict, classify, parse_domain_nics
 from rxfilterd.plan import handling
 from rxfilterd.policy import SyncPolicy
-from rxfilterd.trust import NetworkTrust, Trust, parse_network, resolve_trust
+from rxfilterd.trust import (
+    NetworkTrust,
+    Trust,
+    parse_network,
+    parse_port,
+    port_trust,
+    resolve_trust,
+)
 
 # The `explain` columns, in order: exactly the keys of NicReport.row().
 EXPLAIN_KEYS = (
@@ -46,18 +54,40 @@ class NicReport:
             "trust": self.trust.word,
             "trust_source": self.trust.source,
             "action": self.verdict.action,
-            "reason": self.verdict.reason,
+            "reason": "; ".join(filter(None, (self.verdict.reason, self.trust.note))),
         }
 
 
-class NetworkCache:
-    """Network definitions for one inventory pass (networks change rarely)."""
+class TrustLookups(Protocol):
+    """Protocol: the libvirt look-ups trust needs (Hypervisor provides them)."""
 
-    def __init__(self, hypervisor: Hypervisor) -> None:
+    async def network_xml(self, name: str) -> str | None: ...
+
+    async def network_port_xml(self, network: str, portid: str) -> str | None: ...
+
+
+class TrustResolver:
+    """Resolves NICs' trust as libvirt holds it (rxfilterd.trust says how).
+
+    Network XML is read once per resolver (one survey pass). A port's trust is fixed
+    from plug to unplug, so port values are kept in PORTS, which the caller may keep
+    for as long as the NICs run; its keys are port UUIDs, unique per plug.
+    """
+
+    def __init__(
+        self,
+        hypervisor: TrustLookups,
+        ports: dict[str, bool] | None = None,
+        *,
+        replug: bool = True,
+    ) -> None:
         self._hypervisor = hypervisor
         self._networks: dict[str, NetworkTrust | None] = {}
+        self._ports = {} if ports is None else ports
+        # Also say what a plug would resolve today (costs the network's XML).
+        self._replug = replug
 
-    async def get(self, name: str) -> NetworkTrust | None:
+    async def network(self, name: str) -> NetworkTrust | None:
         if name not in self._networks:
             xml = await self._hypervisor.network_xml(name)
             try:
@@ -66,30 +96,51 @@ class NetworkCache:
                 self._networks[name] = None
         return self._networks[name]
 
+    async def trust(self, nic: Nic) -> Trust:
+        if not nic.network or not nic.portid:
+            # No port: not a network NIC, or a libvirt without ports (< 5.5).
+            net = await self.network(nic.network) if nic.network else None
+            return resolve_trust(nic.trust_attr, net, nic.portgroup)
+        port = self._ports.get(nic.portid)
+        if port is None:
+            xml = await self._hypervisor.network_port_xml(nic.network, nic.portid)
+            if xml is None:
+                # libvirt names a port it cannot show: never more trust than "no".
+                return Trust(False, "port", problem="its network port cannot be found")
+            try:
+                port = parse_port(xml)
+            except ValueError:
+                return Trust(False, "port", problem="its network port XML is unreadable")
+            self._ports[nic.portid] = port
+        if not self._replug:
+            return Trust(port, "port")
+        net = await self.network(nic.network)
+        return port_trust(port, resolve_trust(nic.trust_attr, net, nic.portgroup))
+
+
+async def survey_nic(nic: Nic, network: HostNetwork, trusts: TrustResolver) -> NicReport:
+    trust = await trusts.trust(nic)
+    # Only a candidate's device is looked at, and only by the name its domain gave.
+    candidate = nic.model == "virtio" and nic.type in ("direct", "ethernet") and nic.ifname
+    is_macvtap = bool(candidate) and await network.is_macvtap(nic.ifname or "")
+    return NicReport(nic, trust, classify(nic, trust, is_macvtap))
+
 
 async def survey_domain(
-    domain: RunningDomain, network: HostNetwork, networks: NetworkCache
+    domain: RunningDomain, network: HostNetwork, trusts: TrustResolver
 ) -> list[NicReport]:
     try:
         nics = parse_domain_nics(domain.xml)
     except DomainXmlError:
         return []
-    reports = []
-    for nic in nics:
-        net = await networks.get(nic.network) if nic.network else None
-        trust = resolve_trust(nic.trust_attr, net, nic.portgroup)
-        # Only a candidate's device is looked at, and only by the name its domain gave.
-        candidate = nic.model == "virtio" and nic.type in ("direct", "ethernet") and nic.ifname
-        is_macvtap = bool(candidate) and await network.is_macvtap(nic.ifname or "")
-        reports.append(NicReport(nic, trust, classify(nic, trust, is_macvtap)))
-    return reports
+    return [await survey_nic(nic, network, trusts) for nic in nics]
 
 
 async def survey(hypervisor: Hypervisor, network: HostNetwork) -> list[NicReport]:
-    networks = NetworkCache(hypervisor)
+    trusts = TrustResolver(hypervisor)
     reports = []
     for domain in sorted(await hypervisor.running_domains(), key=lambda d: d.name):
-        reports += await survey_domain(domain, network, networks)
+        reports += await survey_domain(domain, network, trusts)
     return reports
 
 

@@ -10,7 +10,7 @@ import asyncio
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 
@@ -18,8 +18,9 @@ from rxfilterd.config import Config
 from rxfilterd.guest_filter import GuestFilterError, parse_reply
 from rxfilterd.host_state import HostState
 from rxfilterd.hypervisor import Hypervisor, HypervisorError
-from rxfilterd.inventory import NicReport
+from rxfilterd.inventory import NicReport, TrustResolver
 from rxfilterd.macvtap import HostNetwork, MacvtapError
+from rxfilterd.nic import DomainXmlError, Nic, parse_domain_nics
 from rxfilterd.plan import AddressListChange, Change, host_after, make_plan
 from rxfilterd.stats import Stats
 from rxfilterd.worker import CoalescingWorker
@@ -28,6 +29,10 @@ log = structlog.get_logger("rxfilterd")
 
 # After a failed query, how long libvirt gets to notice that the domain went away.
 QUERY_SETTLE = 0.25
+
+# ok: done (or nothing to retry); retry: try again later; stale: the NIC is no longer
+# what the daemon synced (trust revoked, device changed or gone): re-read the domain.
+SyncOutcome = Literal["ok", "retry", "stale"]
 
 
 class Decide(Protocol):
@@ -95,8 +100,9 @@ class NicSyncer:
         nic: NicSync,
         cause: str,
         shutting_down: Callable[[], bool],
-    ) -> bool:
-        """One query, plan and apply; False when it should be retried."""
+        trusts: TrustResolver,
+    ) -> SyncOutcome:
+        """One query, plan and apply, written only while the NIC is still trusted."""
         progress = _Progress()
         assert nic.report.nic.ifname is not None
         # The host read does not need the guest's answer: overlap it with the query,
@@ -107,8 +113,13 @@ class NicSyncer:
             self.network.read(nic.report.nic.ifname, quick=cause == "event")
         )
         host_read.add_done_callback(_consume)
+        # Trust can change under a running NIC (libvirt >= 10.0 changes it live), and
+        # nothing announces it: every sync re-reads it, beside the query, and writes
+        # only if the NIC's current XML still resolves to trusted.
+        current = asyncio.ensure_future(_still_ours(hypervisor, trusts, nic))
+        current.add_done_callback(_consume)
         try:
-            return await self._steps(hypervisor, config, nic, cause, progress, host_read)
+            return await self._steps(hypervisor, config, nic, cause, progress, host_read, current)
         except asyncio.CancelledError:
             # Shutdown (or the NIC went) with this sync in flight: say what it leaves.
             report = nic.report
@@ -131,6 +142,7 @@ class NicSyncer:
             raise
         finally:
             host_read.cancel()
+            current.cancel()
 
     async def _steps(
         self,
@@ -140,7 +152,8 @@ class NicSyncer:
         cause: str,
         progress: _Progress,
         host_read: asyncio.Future[HostState | None],
-    ) -> bool:
+        current: asyncio.Future[str],
+    ) -> SyncOutcome:
         report = nic.report
         where: dict[str, Any] = {
             "domain": report.nic.domain,
@@ -150,7 +163,7 @@ class NicSyncer:
 
         def failed(
             stage: str, error: str, reason: str, level: str = "warning", **extra: Any
-        ) -> bool:
+        ) -> Literal["retry"]:
             self.stats.error(f"{report.nic.domain}/{report.nic.alias}: {error}")
             nic.result = f"failed: {error}"
             # The same failure again on a retry is no news for the log (sinks still
@@ -169,7 +182,7 @@ class NicSyncer:
                 attempt=nic.failures + 1,
                 retry_in=retry_delay(nic.failures, config.sync.retry_max),
             )
-            return False
+            return "retry"
 
         assert report.nic.ifname is not None
         self.stats.queries += 1
@@ -181,7 +194,7 @@ class NicSyncer:
             # libvirt calls it gone: not a failure of ours (its stop event cleans up).
             if exc.gone or not await _still_running(hypervisor, report.nic.uuid):
                 log.debug("domain gone during query", **where, error=str(exc))
-                return True
+                return "ok"
             return failed("query", str(exc), "libvirt")
         try:
             guest = parse_reply(reply, report.nic.alias)
@@ -189,7 +202,7 @@ class NicSyncer:
             # Hostile or broken: never applied, and not retried until the guest changes.
             nic.result = f"rejected: {exc}"
             self.decide("rejected", level="warning", **where, error=str(exc))
-            return True
+            return "ok"
         nic.guest = guest.summary()
         progress.stage = "read"
         try:
@@ -199,6 +212,17 @@ class NicSyncer:
         if host is None:
             return failed("read", f"{report.nic.ifname}: macvtap is gone", "gone")
         nic.host = host.summary()
+        progress.stage = "trust"
+        try:
+            why_not = await current
+        except HypervisorError as exc:
+            return failed("trust", str(exc), "libvirt")
+        if why_not:
+            # Not one write for a NIC libvirt no longer trusts (or that is not the
+            # device we synced any more); the daemon re-reads the domain.
+            nic.result = f"stopped: {why_not}"
+            log.info("not ours any more", **where, why=why_not, cause=cause)
+            return "stale"
         policy, _source = config.policy_for(
             report.nic.domain, report.nic.network, report.nic.portgroup
         )
@@ -235,7 +259,7 @@ class NicSyncer:
         progress.stage = "apply"
         progress.pending = [c.field for c in plan.changes]
         applied: list[Change] = []
-        ok = True
+        outcome: SyncOutcome = "ok"
         for change in plan.changes:
             progress.pending.remove(change.field)
             if dry_run:
@@ -247,7 +271,7 @@ class NicSyncer:
             except MacvtapError as exc:
                 progress.in_flight = None
                 # The other changes do not depend on this one: they still go in.
-                ok = failed(
+                outcome = failed(
                     "apply",
                     str(exc),
                     _reason(exc),
@@ -265,8 +289,27 @@ class NicSyncer:
             self.decide("applied", **where, **change_fields(change), cause=cause)
         if applied:
             nic.host = host_after(host, applied).summary()  # saves a netlink re-read
-        log.debug("synced", **where, cause=cause, changes=len(plan.changes), ok=ok)
-        return ok
+        log.debug("synced", **where, cause=cause, changes=len(plan.changes), outcome=outcome)
+        return outcome
+
+
+async def _still_ours(hypervisor: Hypervisor, trusts: TrustResolver, nic: NicSync) -> str:
+    """Why NIC may not be written now ("" when it may): its current XML, resolved."""
+    synced = nic.report.nic
+    xml = await hypervisor.domain_xml(synced.uuid)
+    if xml is None:
+        return "the domain is not running"
+    try:
+        found = [n for n in parse_domain_nics(xml) if n.alias == synced.alias]
+    except DomainXmlError:
+        return "its domain XML is unreadable"
+    if not found:
+        return "the NIC is gone"
+    # The MAC (libvirt may note the guest's) and trust may differ; not the device.
+    if _device(found[0]) != _device(synced):
+        return "the NIC's device changed"
+    trust = await trusts.trust(found[0])
+    return "" if trust.value else f"untrusted now ({trust.source})"
 
 
 async def _still_running(hypervisor: Hypervisor, uuid: str) -> bool:
@@ -275,6 +318,10 @@ async def _still_running(hypervisor: Hypervisor, uuid: str) -> bool:
         return await hypervisor.domain(uuid) is not None
     except HypervisorError:
         return True  # cannot tell: report the failure
+
+
+def _device(nic: Nic) -> tuple[str | None, ...]:
+    return (nic.type, nic.model, nic.ifname, nic.network, nic.portgroup, nic.portid)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

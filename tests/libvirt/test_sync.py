@@ -177,13 +177,15 @@ def test_explain_resolves_trust_through_networks_and_portgroups(
     plain = stack.network(prefixed("np"), prefixed("eya"))
     cases = [
         # (nic, trust, trust_source, action)
-        (NetworkNic(trusting.name, portgroup="pgno", trust=True), "yes", "interface", "sync"),
-        (NetworkNic(trusting.name, portgroup="pgyes"), "yes", "portgroup", "sync"),
-        (NetworkNic(trusting.name, portgroup="pgno"), "no", "portgroup", "skip"),
-        (NetworkNic(trusting.name), "no", "portgroup", "skip"),  # the default portgroup
-        (NetworkNic(trusting.name, portgroup="plain"), "yes", "network", "sync"),
-        (NetworkNic(plain.name), "no", "default", "skip"),
-        (NetworkNic(trusting.name, portgroup="pgyes", model="e1000"), "yes", "portgroup", "skip"),
+        # A plugged network NIC's trust is its port's: libvirt resolved interface,
+        # portgroup (named, else the default one), network, default when plugging it.
+        (NetworkNic(trusting.name, portgroup="pgno", trust=True), "yes", "port", "sync"),
+        (NetworkNic(trusting.name, portgroup="pgyes"), "yes", "port", "sync"),
+        (NetworkNic(trusting.name, portgroup="pgno"), "no", "port", "skip"),
+        (NetworkNic(trusting.name), "no", "port", "skip"),  # the default portgroup
+        (NetworkNic(trusting.name, portgroup="plain"), "yes", "port", "sync"),
+        (NetworkNic(plain.name), "no", "port", "skip"),
+        (NetworkNic(trusting.name, portgroup="pgyes", model="e1000"), "yes", "port", "skip"),
     ]
     nics = [
         NetworkNic(

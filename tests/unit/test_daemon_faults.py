@@ -63,9 +63,21 @@ def host_state(mac: str = MAC0, promiscuous: bool = False, ifindex: int = 7) -> 
     )
 
 
+def domain_xml(trust: str | None = "yes", ifname: str = "mvt0") -> str:
+    """Live XML of domain d1 with one ethernet virtio NIC net0 on IFNAME."""
+    attr = f" trustGuestRxFilters='{trust}'" if trust else ""
+    return (
+        f"<domain><name>d1</name><uuid>u1</uuid><devices><interface type='ethernet'{attr}>"
+        f"<mac address='{MAC0}'/><target dev='{ifname}' managed='no'/>"
+        "<model type='virtio'/><alias name='net0'/></interface></devices></domain>"
+    )
+
+
 class FakeHypervisor:
     def __init__(self) -> None:
         self.reply = reply()
+        # The live domain XML each sync re-reads trust from (None: not running).
+        self.xml: str | None = domain_xml()
         self.queries = 0
         self.block: asyncio.Event | None = None
         self.forgotten: list[str] = []
@@ -82,6 +94,15 @@ class FakeHypervisor:
 
     async def domain(self, uuid: str) -> RunningDomain | None:
         return RunningDomain(uuid, "d1", "<domain/>") if self.running else None
+
+    async def domain_xml(self, uuid: str) -> str | None:
+        return self.xml if self.running else None
+
+    async def network_xml(self, name: str) -> str | None:
+        return None
+
+    async def network_port_xml(self, network: str, portid: str) -> str | None:
+        return None
 
     def forget(self, uuid: str) -> None:
         self.forgotten.append(uuid)
@@ -179,11 +200,11 @@ def test_hostile_reply_is_rejected_and_nothing_is_applied(
         }
     )
 
-    async def scenario() -> bool:
+    async def scenario() -> str:
         daemon = make_daemon(network, hypervisor)
         return await daemon._sync_once(NicSync(nic_report()), "event")
 
-    assert asyncio.run(scenario()) is True  # not retried: only a guest change re-arms it
+    assert asyncio.run(scenario()) == "ok"  # not retried: only a guest change re-arms it
     assert network.applied == []
     [line] = events(records, "rejected")
     assert line["domain"] == "d1" and line["alias"] == "net0" and line["level"] == "warning"
@@ -542,14 +563,57 @@ def test_a_query_failing_as_the_domain_dies_is_no_failure(
     hypervisor.error = HypervisorError("Unable to read from monitor: Connection reset by peer")
     hypervisor.running = running
 
-    async def scenario() -> bool:
+    async def scenario() -> str:
         daemon = make_daemon(FakeNetwork(), hypervisor)
         return await daemon._sync_once(NicSync(nic_report()), "event")
 
-    ok = asyncio.run(scenario())
+    outcome = asyncio.run(scenario())
     failed = events(records, "failed")
     if running:  # a live domain whose query fails: said, and retried
-        assert not ok and [f["reason"] for f in failed] == ["libvirt"]
+        assert outcome == "retry" and [f["reason"] for f in failed] == ["libvirt"]
         assert failed[0]["stage"] == "query"
     else:  # it was being destroyed: its stop event cleans up, nothing to say
-        assert ok and failed == []
+        assert outcome == "ok" and failed == []
+
+
+@pytest.mark.parametrize(
+    ("xml", "why"),
+    [
+        (domain_xml(trust="no"), "untrusted now (interface)"),
+        (domain_xml(trust=None), "untrusted now (default)"),
+        (domain_xml(ifname="mvt9"), "the NIC's device changed"),
+        ("<domain><name>d1</name><uuid>u1</uuid><devices/></domain>", "the NIC is gone"),
+    ],
+)
+def test_a_nic_whose_current_xml_is_not_trusted_gets_no_write(
+    records: list[dict[str, Any]], xml: str, why: str
+) -> None:
+    # Trust revoked live (libvirt >= 10.0), or the device swapped under the same alias:
+    # the guest asks for a new MAC and promiscuous mode, and nothing reaches the host.
+    network = FakeNetwork()
+    hypervisor = FakeHypervisor()
+    hypervisor.reply = reply(**{"main-mac": MAC1, "promiscuous": True})
+    hypervisor.xml = xml
+    nic = NicSync(nic_report())
+
+    async def scenario() -> str:
+        return await make_daemon(network, hypervisor)._sync_once(nic, "event")
+
+    assert asyncio.run(scenario()) == "stale"
+    assert network.applied == []
+    assert events(records, "applied") == []
+    [line] = events(records, "not ours any more")
+    assert (line["domain"], line["alias"], line["why"]) == ("d1", "net0", why)
+    assert nic.result == f"stopped: {why}"
+
+
+def test_a_trusted_nic_is_written_after_its_xml_is_read_again() -> None:
+    network = FakeNetwork()
+    hypervisor = FakeHypervisor()
+    hypervisor.reply = reply(**{"main-mac": MAC1})
+
+    async def scenario() -> str:
+        return await make_daemon(network, hypervisor)._sync_once(NicSync(nic_report()), "event")
+
+    assert asyncio.run(scenario()) == "ok"
+    assert [c.field for c in network.applied] == ["mac"]

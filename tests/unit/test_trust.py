@@ -6,7 +6,15 @@ import itertools
 
 import pytest
 
-from rxfilterd.trust import NetworkTrust, Portgroup, Trust, parse_network, resolve_trust
+from rxfilterd.trust import (
+    NetworkTrust,
+    Portgroup,
+    Trust,
+    parse_network,
+    parse_port,
+    port_trust,
+    resolve_trust,
+)
 
 TRI = [None, True, False]
 
@@ -70,3 +78,24 @@ def test_parse_network_xml() -> None:
     )
     assert resolve_trust(None, net, None) == Trust(True, "portgroup")
     assert resolve_trust(None, net, "b") == Trust(False, "network")
+
+
+def test_a_port_holds_the_trust_libvirt_resolved_when_it_was_plugged() -> None:
+    assert parse_port("<networkport><rxfilters trustGuest='yes'/></networkport>") is True
+    assert parse_port("<networkport><rxfilters trustGuest='no'/></networkport>") is False
+    assert parse_port("<networkport/>") is False  # nothing resolved: libvirt's default
+    with pytest.raises(ValueError, match="network port XML"):
+        parse_port("<networkport")
+
+
+@pytest.mark.parametrize(("port", "now"), list(itertools.product([True, False], repeat=2)))
+def test_port_trust_wins_and_says_what_a_replug_would_bring(port: bool, now: bool) -> None:
+    trust = port_trust(port, Trust(now, "portgroup"))
+    assert (trust.value, trust.source) == (port, "port")
+    if port == now:
+        assert trust.replug is None and trust.note == ""
+    else:
+        assert trust.replug is now
+        assert trust.note == (
+            f"the network now says {'yes' if now else 'no'}: applies when the NIC is plugged again"
+        )
