@@ -27,6 +27,7 @@ from rxfilterd.hypervisor import (
     RxFilterChanged,
 )
 from rxfilterd.inventory import NicReport, TrustResolver, survey_domain
+from rxfilterd.libvirt_handler import LIBVIRT_WRITES
 from rxfilterd.macvtap import HostNetwork, MacvtapError
 from rxfilterd.nic_sync import NicSync, NicSyncer, SyncOutcome, retry_delay
 from rxfilterd.stats import Stats
@@ -36,8 +37,6 @@ log = structlog.get_logger("rxfilterd")
 
 # A decision record goes to every sink (the log always; MQTT when enabled).
 DecisionSink = Callable[[dict[str, Any]], None]
-# What libvirt's own handler writes on the NICs it syncs, whatever our policy says.
-LIBVIRT_WRITES = ("mac", "promiscuous", "allmulti", "multicast")
 
 # Each NIC's current state, (domain, alias, state); None when the NIC is gone.
 StateSink = Callable[[str, str, dict[str, Any] | None], None]

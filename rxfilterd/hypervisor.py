@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar
 import libvirt
 import libvirt_qemu
 
+from rxfilterd.libvirt_handler import unsupported
+
 _T = TypeVar("_T")
 
 DomainChange = Literal["started", "resumed", "stopped", "reboot", "device-added", "device-removed"]
@@ -169,6 +171,8 @@ class Hypervisor:
         self._qemu_callback: int | None = None
         self._domain_callbacks: list[int] = []
         self._queries: list[_QueryConnection] = []
+        # libvirt's version, packed (major * 1e6 + minor * 1e3 + micro); 0 until connected.
+        self.version = 0
 
     @property
     def connected(self) -> bool:
@@ -198,6 +202,11 @@ class Hypervisor:
     async def _open(self) -> None:
         conn = await self._call(libvirt.open, self._uri)
         self._conn = conn
+        # The daemon's version (for a remote or socket URI, not our client library's).
+        self.version = await self._call(conn.getLibVersion)
+        problem = unsupported(self.version)
+        if problem is not None:
+            raise HypervisorError(problem)
         if self._subscribe:
             await self._call(self._register, conn)
             for _ in range(QUERY_CONNECTIONS):

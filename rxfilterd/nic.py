@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Literal
 
+from rxfilterd.libvirt_handler import LIBVIRT_WRITES, syncs_itself
 from rxfilterd.trust import Trust, parse_tristate
 
 Action = Literal["sync", "skip"]
@@ -83,11 +84,9 @@ def classify(nic: Nic, trust: Trust, ifname_is_macvtap: bool) -> Verdict:
         return Verdict("skip", "not a macvtap", False)
     if not trust.value:
         return Verdict("skip", "untrusted", False)
-    libvirt_syncs = nic.type == "direct"
+    libvirt_syncs = syncs_itself(nic.type, nic.model, trust.value)
     # libvirt's handler writes these whatever our policy says: say so plainly.
-    reason = (
-        "trusted; libvirt itself writes mac, promiscuous, allmulti, multicast"
-        if libvirt_syncs
-        else "trusted"
-    )
+    reason = "trusted"
+    if libvirt_syncs:
+        reason += f"; libvirt itself writes {', '.join(LIBVIRT_WRITES)}"
     return Verdict("sync", reason, libvirt_syncs)

@@ -26,6 +26,7 @@ READ_ONLY = {
         "close",
         "domainEventDeregisterAny",
         "domainEventRegisterAny",
+        "getLibVersion",
         "listAllDomains",
         "lookupByUUIDString",
         "networkLookupByName",
