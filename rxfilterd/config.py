@@ -34,6 +34,10 @@ class LibvirtSettings:
     uri: str = "qemu:///system"
     # Cap for the reconnect backoff, in seconds.
     reconnect_max: float = 30.0
+    # libvirt >= 10.0 changes an interface's trust on a running domain and announces
+    # nothing: domains with an untrusted macvtap NIC are re-read this often (seconds;
+    # 0 turns it off; a revoked trust needs no polling: every write re-checks it).
+    trust_poll: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ from rxfilterd.hypervisor import (
     RxFilterChanged,
 )
 from rxfilterd.inventory import NicReport, TrustResolver, survey_domain
-from rxfilterd.libvirt_handler import LIBVIRT_WRITES
+from rxfilterd.libvirt_handler import LIBVIRT_WRITES, trust_changes_live
 from rxfilterd.macvtap import HostNetwork, MacvtapError
+from rxfilterd.nic import DomainXmlError, parse_domain_nics
 from rxfilterd.nic_sync import NicSync, NicSyncer, SyncOutcome, retry_delay
 from rxfilterd.stats import Stats
 from rxfilterd.worker import CoalescingWorker
@@ -225,6 +226,7 @@ class Daemon:
         interval = self.config.sync.resync_interval
         next_resync = time.monotonic() + interval if interval > 0 else None
         stop_wait = asyncio.ensure_future(stop.wait())
+        watch = asyncio.get_running_loop().create_task(self._watch_trust(hypervisor, stop))
         self._serving = True
         try:
             while not stop.is_set():
@@ -252,7 +254,28 @@ class Daemon:
         finally:
             self._serving = False
             stop_wait.cancel()
+            watch.cancel()
         return None
+
+    async def _watch_trust(self, hypervisor: Hypervisor, stop: asyncio.Event) -> None:
+        """Re-read domains whose untrusted NICs libvirt may trust live (>= 10.0).
+
+        update-device --live grants trust without any event. One XMLDesc per watched
+        domain and interval; the domain is surveyed again only when a NIC changed.
+        """
+        if not trust_changes_live(hypervisor.version):
+            return
+        while self.config.libvirt.trust_poll > 0 and not stop.is_set():
+            await _wait(stop, self.config.libvirt.trust_poll)
+            for domain in [d for d in self._domains.values() if _may_be_granted(d)]:
+                try:
+                    xml = await hypervisor.domain_xml(domain.uuid)
+                    nics = {n.alias: n for n in parse_domain_nics(xml or "<domain/>")}
+                except (HypervisorError, DomainXmlError):
+                    continue  # the domain worker and the resync deal with these
+                known = {alias: report.nic for alias, report in domain.reports.items()}
+                if xml is not None and nics != known and domain.worker is not None:
+                    domain.worker.kick("trust")
 
     async def _announce_ready(self) -> None:
         """Ready once every synced NIC had its first sync (or a failure logged)."""
@@ -277,6 +300,8 @@ class Daemon:
                 # only queries trusted NICs, so its trust may have been granted live.
                 self._domain_worker(event.uuid, event.domain).kick("event")
         elif isinstance(event, DomainChanged):
+            if event.change == "defined" and event.uuid not in self._domains:
+                return  # a domain that does not run: nothing to sync
             log.info("domain event", domain=event.domain, change=event.change, detail=event.detail)
             if event.change == "stopped":
                 # At once, not in a task: a start right behind it must find a clean slate.
@@ -550,6 +575,11 @@ class Daemon:
         return await self._syncer.once(
             hypervisor, self.config, nic, cause, lambda: self._shutting_down, trusts
         )
+
+
+def _may_be_granted(domain: DomainSync) -> bool:
+    """Whether DOMAIN has an untrusted macvtap NIC (its trust or its port may change)."""
+    return any(r.verdict.reason == "untrusted" for r in domain.reports.values())
 
 
 def _worth_a_look(report: NicReport | None) -> bool:

@@ -26,7 +26,9 @@ from rxfilterd.libvirt_handler import unsupported
 
 _T = TypeVar("_T")
 
-DomainChange = Literal["started", "resumed", "stopped", "reboot", "device-added", "device-removed"]
+DomainChange = Literal[
+    "started", "resumed", "stopped", "defined", "reboot", "device-added", "device-removed"
+]
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ _LIFECYCLE: dict[int, DomainChange] = {
     libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
     libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
     libvirt.VIR_DOMAIN_EVENT_CRASHED: "stopped",
+    # `update-device --live --config` (and any redefinition) says only this: the live
+    # definition, trust included, may have changed too.
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
 }
 
 
@@ -103,6 +108,7 @@ _DETAILS: dict[int, dict[int, str]] = {
         (libvirt.VIR_DOMAIN_EVENT_RESUMED, "RESUMED"),
         (libvirt.VIR_DOMAIN_EVENT_STOPPED, "STOPPED"),
         (libvirt.VIR_DOMAIN_EVENT_CRASHED, "CRASHED"),
+        (libvirt.VIR_DOMAIN_EVENT_DEFINED, "DEFINED"),
     )
 }
 
