@@ -23,6 +23,9 @@ class Nic:
     model: str | None
     ifname: str | None
     mac: str | None
+    # The MAC the guest uses now, as libvirt >= 11.x records it for trusted NICs
+    # (<mac currentAddress=...>); None where libvirt does not say.
+    current_mac: str | None
     network: str | None
     portgroup: str | None
     portid: str | None
@@ -59,6 +62,7 @@ def parse_domain_nics(xml: str) -> list[Nic]:
                 model=model.get("type") if model is not None else None,
                 ifname=target.get("dev") if target is not None else None,
                 mac=mac.get("address") if mac is not None else None,
+                current_mac=mac.get("currentAddress") if mac is not None else None,
                 network=source.get("network") if source is not None else None,
                 portgroup=source.get("portgroup") if source is not None else None,
                 portid=source.get("portid") if source is not None else None,

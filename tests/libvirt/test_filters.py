@@ -31,6 +31,7 @@ EXPLAIN_KEYS = {
     "domain",
     "alias",
     "ifname",
+    "current_mac",
     "model",
     "type",
     "trust",

@@ -218,7 +218,18 @@ def test_explain_resolves_trust_through_networks_and_portgroups(
     ).stdout
     rows = json.loads(out)
     assert [set(r) for r in rows] == [
-        {"domain", "alias", "ifname", "model", "type", "trust", "trust_source", "action", "reason"}
+        {
+            "domain",
+            "alias",
+            "ifname",
+            "current_mac",
+            "model",
+            "type",
+            "trust",
+            "trust_source",
+            "action",
+            "reason",
+        }
     ] * len(cases)
     for row, (_nic, trust, source, action) in zip(rows, cases, strict=True):
         assert (row["trust"], row["trust_source"], row["action"]) == (trust, source, action), row

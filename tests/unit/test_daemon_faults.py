@@ -150,6 +150,7 @@ def nic_report(alias: str = "net0", domain: str = "d1", uuid: str = "u1") -> Nic
         model="virtio",
         ifname="mvt0",
         mac=MAC0,
+        current_mac=None,
         network=None,
         portgroup=None,
         portid=None,

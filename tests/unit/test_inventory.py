@@ -40,6 +40,7 @@ def network_nic(portid: str | None = "p1", trust_attr: bool | None = None) -> Ni
         model="virtio",
         ifname="macvtap0",
         mac="52:54:00:00:00:01",
+        current_mac=None,
         network="n1",
         portgroup="pg",
         portid=portid,

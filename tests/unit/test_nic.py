@@ -20,7 +20,7 @@ LIVE_XML = """
       <alias name='net0'/>
     </interface>
     <interface type='ethernet'>
-      <mac address='52:54:00:00:00:02'/>
+      <mac address='52:54:00:00:00:02' currentAddress='52:54:00:aa:00:02'/>
       <target dev='mvt7' managed='no'/>
       <model type='virtio'/>
       <alias name='net1'/>
@@ -48,12 +48,15 @@ def test_parse_live_xml() -> None:
         model="virtio",
         ifname="macvtap3",
         mac="52:54:00:00:00:01",
+        current_mac=None,
         network="lan",
         portgroup="pg",
         portid="1f6d",
         trust_attr=True,
     )
     assert nics[1].trust_attr is None and nics[1].ifname == "mvt7"
+    # libvirt >= 11 notes the MAC a trusted guest uses now beside the configured one.
+    assert (nics[1].mac, nics[1].current_mac) == ("52:54:00:00:00:02", "52:54:00:aa:00:02")
 
 
 YES = Trust(True, "interface")
