@@ -1,0 +1,118 @@
+"""Fixtures for the systemd tier: one booted container per session, one guest per module.
+
+Skips without root, systemd-nspawn, the cached root or the real stack, and fails instead
+when CI=true. Leftover containers and stack objects of an interrupted run (named with
+RXFT_PREFIX) are removed at session start and everything is removed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.support.container import (
+    CONFIG_PATH,
+    DROPIN_DIR,
+    REPO,
+    SystemdContainer,
+    cleanup_containers,
+    container_problem,
+)
+from tests.support.guest import (
+    EthernetNic,
+    Guest,
+    Macvtap,
+    Resources,
+    cleanup_leftovers,
+    prefix,
+    prefixed,
+    skip_or_fail,
+    stack_problem,
+)
+from tests.support.libvirtd import PrivateLibvirtd
+
+MAC0 = "52:54:00:51:00:01"
+
+
+def shipped_config(**settings: str | float) -> str:
+    """etc/rxfilterd.toml with SETTINGS changed (each key's first line, commented or not)."""
+    text = (REPO / "etc/rxfilterd.toml").read_text()
+    for key, value in settings.items():
+        literal = f'"{value}"' if isinstance(value, str) and value not in TOML_BOOLS else value
+        text, found = re.subn(rf"(?m)^(# )?{key} = .*$", f"{key} = {literal}", text, count=1)
+        assert found, key
+    return text
+
+
+TOML_BOOLS = ("true", "false")
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[PrivateLibvirtd]:
+    """A libvirtd of this tier's own (the host's binary and qemu.conf).
+
+    The host's libvirtd is shared: every rxfilterd another test run starts on it would
+    sync our guest too (seen: a MAC written while the container's daemon was denied
+    CAP_NET_ADMIN), and ours theirs. The container sees this one as its /run/libvirt.
+    """
+    problem = container_problem() or stack_problem()
+    if problem is not None:
+        skip_or_fail(problem)
+    cleanup_containers()
+    cleanup_leftovers()
+    private = PrivateLibvirtd(Path(f"/run/{prefix()}sd-libvirtd"))
+    private.close()
+    try:
+        yield private.start()
+    finally:
+        private.close()
+        cleanup_leftovers()
+
+
+@pytest.fixture(scope="session")
+def container(libvirtd: PrivateLibvirtd) -> Iterator[SystemdContainer]:
+    box = SystemdContainer(prefixed("nspawn"), libvirt_run=libvirtd.base / "run")
+    try:
+        yield box.start()
+    finally:
+        box.remove()
+
+
+@dataclass(frozen=True)
+class Lab:
+    guest: Guest
+    macvtap: Macvtap
+
+
+@pytest.fixture(scope="module")
+def lab(libvirtd: PrivateLibvirtd, container: SystemdContainer) -> Iterator[Lab]:
+    """A guest whose trusted NIC sits on a type='ethernet' macvtap libvirt never syncs."""
+    res = Resources()
+    conn = libvirtd.connect()
+    try:
+        mvt = res.veth_macvtap("su", mac=MAC0)
+        nic = EthernetNic(mvt.name, mac=MAC0, trust=True)
+        guest = res.guest(prefixed("su"), [nic], conn=conn)
+        yield Lab(guest, mvt)
+    finally:
+        res.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+@pytest.fixture
+def unit(container: SystemdContainer) -> SystemdContainer:
+    """rxfilterd stopped, no drop-ins, the shipped config: every test starts here."""
+    container.systemctl("stop", "rxfilterd", check=False)
+    container.systemctl("reset-failed", "rxfilterd", check=False)
+    shutil.rmtree(container.path(DROPIN_DIR), ignore_errors=True)
+    container.write(CONFIG_PATH, shipped_config(), 0o640)
+    container.systemctl("daemon-reload")
+    return container
