@@ -39,7 +39,7 @@ INSTALL_PREFIX = Path("/opt/rxfilterd")
 UNIT_PATH = Path("/etc/systemd/system/rxfilterd.service")
 CONFIG_PATH = Path("/etc/rxfilterd/rxfilterd.toml")
 DROPIN_DIR = Path("/etc/systemd/system/rxfilterd.service.d")
-PACKAGED_EXEC = "/usr/local/bin/rxfilterd"  # the repository unit's program path
+SOURCE_EXEC = "/usr/local/bin/rxfilterd"  # the program of systemd/rxfilterd.service
 
 
 class ContainerError(RuntimeError):
@@ -152,9 +152,8 @@ def cleanup_containers(name_prefix: str | None = None) -> list[str]:
         # SIGKILL on the container's PID 1 ends its whole PID namespace.
         _kill(inits + nspawns, signal.SIGKILL)
         _wait_gone(inits + nspawns, 10)
-        for mnt in (d / "merged",):
-            if _mounted(mnt):
-                subprocess.run(["umount", "-l", str(mnt)], check=False)
+        if _mounted(d / "merged"):
+            subprocess.run(["umount", "-l", str(d / "merged")], check=False)
         shutil.rmtree(d, ignore_errors=True)
         removed.append(f"container {name}")
     return removed
@@ -169,7 +168,8 @@ def install_daemon(merged: Path, workdir: Path) -> None:
     Until the Debian package exists: the daemon as a wheel into the venv the cached root
     holds at /opt/rxfilterd (its dependencies are there already), the repository's unit
     with ExecStart pointed at that venv, the shipped config. Swapping this function's
-    body for ``apt install ./rxfilterd_*.deb`` is all the package needs.
+    body for installing ``rxfilterd_*.deb`` (the root has its dependencies: python3,
+    libvirt0) is all the package needs.
     """
     wheels = workdir / "wheels"
     subprocess.run(
@@ -199,9 +199,11 @@ def install_daemon(merged: Path, workdir: Path) -> None:
     )
     (merged / inside.relative_to("/")).unlink()
     unit = (REPO / "systemd/rxfilterd.service").read_text()
+    # Every Exec line naming the program (ExecStart and the reload's check-config).
+    assert f"\nExecStart={SOURCE_EXEC} " in unit, "the unit's ExecStart moved"
     program = f"{INSTALL_PREFIX}/bin/rxfilterd"
     (merged / UNIT_PATH.relative_to("/")).write_text(
-        unit.replace(f"={PACKAGED_EXEC} ", f"={program} ")
+        unit.replace(f"={SOURCE_EXEC} ", f"={program} ")
     )
     config = merged / CONFIG_PATH.relative_to("/")
     config.parent.mkdir(parents=True, exist_ok=True)
