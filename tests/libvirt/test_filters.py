@@ -253,7 +253,7 @@ def test_multicast_overflow_turns_allmulti_on_and_back_off(
         )
         guest.run(
             f"i=1; while [ $i -le {MANY} ]; do"
-            " ip -6 addr del fd00:1::$(printf %x $i)/64 dev eth0 || exit 1;"
+            " ip -6 addr del 2001:db8:1::$(printf %x $i)/64 dev eth0 || exit 1;"
             " i=$((i+1)); done",
             timeout=30.0 + MANY * 0.5,
         )

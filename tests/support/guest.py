@@ -757,8 +757,11 @@ class Guest:
         """Add ADDR/64 (nodad): the guest joins ADDR's solicited-node group."""
         self.run(f"ip -6 addr add {addr}/64 dev {dev} nodad")
 
-    def add_ipv6_many(self, count: int, dev: str = "eth0", net: str = "fd00:1::") -> None:
-        """Add *count* addresses NET(1..count) whose solicited-node groups all differ."""
+    def add_ipv6_many(self, count: int, dev: str = "eth0", net: str = "2001:db8:1::") -> None:
+        """Add *count* addresses NET(1..count) whose solicited-node groups all differ.
+
+        NET is a documentation prefix (2001:db8::/32), like every address the tests use.
+        """
         self.run(
             f"i=1; while [ $i -le {count} ]; do"
             f" ip -6 addr add {net}$(printf %x $i)/64 dev {dev} nodad || exit 1;"
