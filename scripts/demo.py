@@ -1,7 +1,11 @@
-"""The demo: a tiny guest on a macvtap changes its NIC, the host follows.
+"""The demo: a peer cannot ping6 a guest on a macvtap until rxfilterd runs.
 
-Run through scripts/demo (which prepares the host first). Everything it makes is
-named rxdemo-* and removed at the end, also after an error or Ctrl-C.
+Run through scripts/demo (which prepares the host first). A veth pair stands for the
+LAN: its near end is the macvtap's lower device, its far end sits in a namespace of its
+own, the peer, standing for another machine. The guest's NIC is trusted
+(trustGuestRxFilters='yes') and type='ethernet' on a macvtap made beforehand, which
+libvirt does not sync. Everything it makes is named rxdemo-* and removed at the end,
+also after an error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,17 +15,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("RXFT_PREFIX", "rxdemo-")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import other_rxfilterd  # noqa: E402
 from tests.support import guest as stack  # noqa: E402
+from tests.support.peer import Peer, cleanup_namespaces, quiet_host_ipv6  # noqa: E402
 
 MAC0 = "52:54:00:de:00:01"
 NEW_MAC = "52:54:00:de:ca:fe"
-IPV6 = "2001:db8::de:cafe"
+PEER_IPV6 = "2001:db8::1"
+GUEST_IPV6 = "2001:db8::de:cafe"
+GROUP = "33:33:ff:de:ca:fe"  # ff02::1:ffde:cafe, GUEST_IPV6's solicited-node group
 
 
 def say(text: str) -> None:
@@ -36,22 +45,28 @@ def show_host(ifname: str) -> None:
     print(f"host$ ip maddr show dev {ifname} | grep static\n  " + ("\n  ".join(static) or "-"))
 
 
-def wait_for(check: object, what: str, timeout: float = 10) -> None:
-    assert callable(check)
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10) -> bool:
     started = time.monotonic()
     while not check():
         if time.monotonic() - started > timeout:
             print(f"!! {what}: not within {timeout} s")
-            return
+            return False
         time.sleep(0.02)
-    print(
-        f"-- {what}: {1000 * (time.monotonic() - started):.0f} ms after the guest command returned"
-    )
+    print(f"-- {what}: {1000 * (time.monotonic() - started):.0f} ms")
+    return True
 
 
-def static_groups(ifname: str) -> str:
-    out = subprocess.run(["ip", "maddr", "show", "dev", ifname], capture_output=True, text=True)
-    return out.stdout
+def ping(peer: Peer, count: int = 2) -> bool:
+    """The peer pings the guest; prints the command and ping's own summary."""
+    print(f"peer$ ping -6 -c {count} -W 1 {GUEST_IPV6}")
+    res = peer.run("busybox", "ping", "-6", "-c", str(count), "-W", "1", GUEST_IPV6)
+    lines = [line for line in res.stdout.splitlines() if line.strip()]
+    print("  " + "\n  ".join(lines[1:]))
+    return res.returncode == 0
+
+
+def host_mac(ifname: str) -> str:
+    return str((stack.link_show(ifname) or {}).get("address"))
 
 
 def main() -> int:
@@ -59,11 +74,29 @@ def main() -> int:
     config = Path("/tmp/rxdemo-rxfilterd.toml")
     config.write_text('[log]\nlevel = "info"\nformat = "console"\n')
     daemon: subprocess.Popen[str] | None = None
+    peer = Peer(stack.prefixed("peer"))
+    started = time.monotonic()
     try:
+        cleanup_namespaces()
         stack.cleanup_leftovers()
-        say("host: a veth pair and a macvtap on it (type='ethernet', managed='no')")
+        say(f"host: a macvtap on a veth; the veth's far end is the peer ({PEER_IPV6})")
         mvt = res.veth_macvtap("", mac=MAC0)
+        quiet_host_ipv6(stack.prefixed("a"))  # see tests/support/peer.py
+        peer.start()
+        peer.take(stack.prefixed("b"), f"{PEER_IPV6}/64")
         show_host(mvt.name)
+
+        say("libvirt boots a small guest with trustGuestRxFilters='yes' on that macvtap")
+        g = res.guest(stack.prefixed("guest"), [stack.EthernetNic(mvt.name, mac=MAC0, trust=True)])
+        print(f"-- guest shell up after {g.boot_seconds:.1f} s")
+        print(f"guest$ ip -6 addr add {GUEST_IPV6}/64 dev eth0   (joins ff02::1:ffde:cafe)")
+        g.add_ipv6(GUEST_IPV6)
+
+        say("without rxfilterd: the peer's neighbour solicitation never reaches the guest")
+        show_host(mvt.name)
+        if ping(peer):
+            others = other_rxfilterd()
+            print(f"!! answered: another rxfilterd runs on this host (pids {others})")
 
         say("rxfilterd starts (its log lines are prefixed 'rxfilterd |')")
         daemon = subprocess.Popen(
@@ -79,37 +112,21 @@ def main() -> int:
             target=lambda: [print(f"rxfilterd | {line}", end="", flush=True) for line in stream],
             daemon=True,
         ).start()
-        time.sleep(1)
-
-        say("libvirt boots a small guest with trustGuestRxFilters='yes' on that macvtap")
-        g = res.guest(stack.prefixed("guest"), [stack.EthernetNic(mvt.name, mac=MAC0, trust=True)])
-        print(f"-- guest shell up after {g.boot_seconds:.1f} s")
-        time.sleep(1.5)
+        wait_for(lambda: GROUP in stack_groups(mvt.name), "the host macvtap has the guest's group")
         show_host(mvt.name)
+        print("peer$ ip neigh flush all   (forget the failed attempt)")
+        peer.forget_neighbours()
+        wait_for(lambda: ping(peer), "the peer's ping6 answered", timeout=20)
 
         say(f"guest$ ip link set eth0 address {NEW_MAC}")
         g.set_mac(NEW_MAC)
-        wait_for(
-            lambda: (stack.link_show(mvt.name) or {}).get("address") == NEW_MAC,
-            "host macvtap has the new MAC",
-        )
+        wait_for(lambda: host_mac(mvt.name) == NEW_MAC, "the host macvtap has the new MAC")
         show_host(mvt.name)
-
-        say(f"guest$ ip -6 addr add {IPV6}/64 dev eth0   (joins ff02::1:ffde:cafe)")
-        g.add_ipv6(IPV6)
-        wait_for(
-            lambda: "33:33:ff:de:ca:fe" in static_groups(mvt.name),
-            "host macvtap has the solicited-node group",
-        )
-        show_host(mvt.name)
-
-        say("guest$ ip link set eth0 promisc on")
-        g.set_promisc(True)
-        wait_for(
-            lambda: "PROMISC" in (stack.link_show(mvt.name) or {}).get("flags", []),
-            "host macvtap is promiscuous",
-        )
-        show_host(mvt.name)
+        print("peer$ ip neigh flush all   (forget the old MAC)")
+        peer.forget_neighbours()
+        wait_for(lambda: ping(peer), "the peer reaches the new MAC", timeout=20)
+        neigh = peer.run("ip", "neigh", "show", GUEST_IPV6).stdout.strip()
+        print(f"peer$ ip neigh show {GUEST_IPV6}\n  {neigh}")
 
         say("rxfilterd explain")
         subprocess.run(
@@ -124,10 +141,19 @@ def main() -> int:
             daemon.terminate()
             daemon.wait(10)
             time.sleep(0.2)
-        res.close()
-        stack.cleanup_leftovers()
-        config.unlink(missing_ok=True)
-        print("-- done")
+        try:
+            res.close()
+        finally:
+            peer.remove()
+            stack.cleanup_leftovers()
+            cleanup_namespaces()
+            config.unlink(missing_ok=True)
+        print(f"-- done in {time.monotonic() - started:.0f} s")
+
+
+def stack_groups(ifname: str) -> str:
+    out = subprocess.run(["ip", "maddr", "show", "dev", ifname], capture_output=True, text=True)
+    return out.stdout
 
 
 if __name__ == "__main__":

@@ -170,6 +170,16 @@ class Peer:
 # --------------------------------------------------------------------------- macvlan filter
 
 
+def quiet_host_ipv6(link: str) -> None:
+    """Turn off the host's own IPv6 on LINK, a test lower device in this namespace.
+
+    Its link-local address would join a solicited-node group derived from the link's
+    random MAC, which lands in a random bucket of the macvlan port filter (see
+    port_filter_bucket): with it off, which groups pass an unsynced macvtap is fixed.
+    """
+    Path(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6").write_text("1\n")
+
+
 def port_filter_bucket(mac: str) -> int:
     """The bucket of a multicast MAC in a macvlan port's filter (mc_hash(NULL, addr)).
 

@@ -32,7 +32,7 @@ from tests.support.guest import (
     prefixed,
     skip_or_fail,
 )
-from tests.support.peer import Peer, bucket_mate, lower_groups
+from tests.support.peer import Peer, bucket_mate, lower_groups, quiet_host_ipv6
 
 pytestmark = pytest.mark.traffic
 
@@ -100,11 +100,6 @@ def passthru_cable(stack: Resources, peer: Peer, links: list[str], n: int) -> Ca
     ip("link", "set", mvt.name, "type", "macvtap", "mode", "passthru", "nopromisc")
     peer.take(far, f"192.0.2.{64 * n + 1}/26")
     return Cable(n, mvt, bridge, far)
-
-
-def quiet_host_ipv6(link: str) -> None:
-    """No host IPv6 on a test lower: its own groups would hash at random (see twin_drops)."""
-    Path(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6").write_text("1\n")
 
 
 def boot(stack: Resources, daemon: RunningDaemon, name: str, cables: list[Cable]) -> Guest:
