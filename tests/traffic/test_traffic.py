@@ -26,7 +26,6 @@ from tests.support.guest import (
     EthernetNic,
     Guest,
     Macvtap,
-    MacvtapMode,
     Resources,
     ip,
     prefixed,
@@ -95,8 +94,7 @@ def passthru_cable(stack: Resources, peer: Peer, links: list[str], n: int) -> Ca
     links.append(bridge)
     ip("link", "set", port, "master", bridge)
     ip("link", "set", bridge, "up")
-    mode: MacvtapMode = "passthru"
-    mvt = stack.macvtap(prefixed(tag + "m"), bridge, mode=mode, mac=MACS[n])
+    mvt = stack.macvtap(prefixed(tag + "m"), bridge, mode="passthru", mac=MACS[n])
     ip("link", "set", mvt.name, "type", "macvtap", "mode", "passthru", "nopromisc")
     peer.take(far, f"192.0.2.{64 * n + 1}/26")
     return Cable(n, mvt, bridge, far)
