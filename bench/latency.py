@@ -126,17 +126,21 @@ def with_steps(samples: list[Sample], records: list[dict[str, Any]]) -> list[Sam
     """Attach rxfilterd's steps (trace lines and in-memory stamps) to each of its samples."""
     queries = [r for r in records if r.get("event") == "bench-query" and r.get("alias") == "net0"]
     reads = [r for r in records if r.get("event") == "bench-read"]
-    applies = [r for r in records if r.get("event") == "bench-apply" and "mac" in r["fields"]]
+    applies = [r for r in records if r.get("event") == "bench-apply" and r.get("field") == "mac"]
     stamps = [tuple(x) for r in records if r.get("event") == "bench-stamps" for x in r["stamps"]]
     # (QEMU's timestamp, when rxfilterd's callback ran) of each event for net0.
+    # Stamp details (bench.counted_daemon): callback "QEMU-TIME ALIAS", dispatch
+    # "ALIAS", call "END-TIME ALIAS".
     callbacks = sorted(
-        (float(d.split(" ", 1)[0]), t)
+        (float(d.split()[0]), t)
         for what, t, d in stamps
-        if what == "callback" and json.loads(d.split(" ", 1)[1]).get("name") == "net0"
+        if what == "callback" and d.split()[1] == "net0"
     )
     dispatches = sorted(t for what, t, d in stamps if what == "dispatch" and d == "net0")
     calls = sorted(
-        (t, float(d.split()[0])) for what, t, d in stamps if what == "call" and '"net0"' in d
+        (t, float(d.split()[0]))
+        for what, t, d in stamps
+        if what == "call" and d.split()[1] == "net0"
     )
     out = []
     for sample in samples:

@@ -13,10 +13,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rxfilterd import config as config_mod
 from rxfilterd.config import Config, ConfigError
+
+if TYPE_CHECKING:  # the daemon's modules load only when it runs
+    from rxfilterd.ports import Tracer
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -79,7 +82,8 @@ def load_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, tracer: Tracer | None = None) -> int:
+    """The command line; TRACER (benchmarks) sees the running daemon's hot path."""
     args = _parser().parse_args(argv)
     try:
         config = load_config(args)
@@ -96,14 +100,14 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_fleet(config, args.follow))
         except KeyboardInterrupt:  # Ctrl-C before the handler is in place
             return EXIT_OK
-    return _run(config, forced_dry_run=getattr(args, "dry_run", False))
+    return _run(config, forced_dry_run=getattr(args, "dry_run", False), tracer=tracer)
 
 
-def _run(config: Config, *, forced_dry_run: bool = False) -> int:
+def _run(config: Config, *, forced_dry_run: bool = False, tracer: Tracer | None = None) -> int:
     from rxfilterd import logs
 
     logs.configure(config.log.level, config.log.format)
-    code = asyncio.run(_serve(config, forced_dry_run))
+    code = asyncio.run(_serve(config, forced_dry_run, tracer))
     # A libvirt call stuck in a worker thread must not hold the process past SIGTERM.
     sys.stdout.flush()
     sys.stderr.flush()
@@ -112,7 +116,7 @@ def _run(config: Config, *, forced_dry_run: bool = False) -> int:
     return code
 
 
-async def _serve(config: Config, forced_dry_run: bool = False) -> int:
+async def _serve(config: Config, forced_dry_run: bool = False, tracer: Tracer | None = None) -> int:
     import structlog
 
     from rxfilterd import logs
@@ -128,10 +132,22 @@ async def _serve(config: Config, forced_dry_run: bool = False) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     async with HostNetwork() as network:
-        daemon = Daemon(config, network)
-        daemon.on_ready = notifier.ready
-        daemon.on_status = notifier.status
-        publisher, publishing, publisher_stop = _start_publisher(config, daemon)
+        publisher = None
+        if config.mqtt.enabled:
+            from rxfilterd.publisher import Publisher
+
+            publisher = Publisher(config.mqtt)
+        daemon = Daemon(
+            config,
+            network,
+            decisions=[publisher.decision] if publisher else [],
+            states=[publisher.nic_state] if publisher else [],
+            on_ready=[publisher.ready, notifier.ready] if publisher else [notifier.ready],
+            on_status=[notifier.status],
+            tracer=tracer,
+        )
+        publisher_stop = asyncio.Event()
+        publishing = asyncio.create_task(publisher.run(publisher_stop)) if publisher else None
 
         def reload() -> None:
             path = config.path or config_mod.DEFAULT_PATH
@@ -178,29 +194,6 @@ async def _serve(config: Config, forced_dry_run: bool = False) -> int:
             except TimeoutError:
                 log.warning("mqtt: shutdown timed out; offline status not confirmed")
     return EXIT_OK
-
-
-def _start_publisher(
-    config: Config, daemon: Any
-) -> tuple[Any, asyncio.Task[None] | None, asyncio.Event]:
-    """With [mqtt] enabled: a Publisher wired as the daemon's sinks, and its task."""
-    stop = asyncio.Event()
-    if not config.mqtt.enabled:
-        return None, None, stop
-    from rxfilterd.publisher import Publisher
-
-    publisher = Publisher(config.mqtt)
-    daemon.sinks.append(publisher.decision)
-    daemon.state_sinks.append(publisher.nic_state)
-    on_ready = daemon.on_ready
-
-    def ready() -> None:
-        publisher.ready()
-        if on_ready is not None:
-            on_ready()
-
-    daemon.on_ready = ready
-    return publisher, asyncio.create_task(publisher.run(stop)), stop
 
 
 async def _fleet(config: Config, follow: bool) -> int:

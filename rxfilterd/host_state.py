@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno as errnos
+import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # plan imports this module
+    from rxfilterd.plan import Change
 
 # How the macvtap's lower device treats VLAN-tagged frames (see docs/filters.md):
 # "none": no VLAN filter (veth, a bridge without vlan_filtering, rx-vlan-filter off), so
@@ -51,3 +56,42 @@ class HostState:
             "lower": self.lower,
             "lower_vlan_filter": self.lower_vlan_filter,
         }
+
+
+class MacvtapError(Exception):
+    """An operation on a host link failed."""
+
+    def __init__(
+        self,
+        ifname: str,
+        op: str,
+        errno: int | None = None,
+        detail: str | None = None,
+        *,
+        subject: str | None = None,
+        change: Change | None = None,
+    ) -> None:
+        self.ifname = ifname
+        self.op = op
+        self.errno = errno
+        self.detail = detail
+        # What the op was about (a MAC, "on"/"off"), and the Change it came from.
+        self.subject = subject
+        self.change = change
+        super().__init__(ifname, op, errno, detail)
+
+    def __str__(self) -> str:
+        parts: list[str] = []
+        if self.errno is not None:
+            parts.append(f"{_errno_name(self.errno)} ({os.strerror(self.errno)})")
+        if self.detail:
+            parts.append(self.detail)
+        op = f"{self.op} {self.subject}" if self.subject else self.op
+        return f"{self.ifname}: {op} failed: {': '.join(parts) or 'unknown error'}"
+
+
+def _errno_name(code: int) -> str:
+    # Python maps 95 to ENOTSUP; the kernel and iproute2 say EOPNOTSUPP.
+    if code == errnos.EOPNOTSUPP:
+        return "EOPNOTSUPP"
+    return errnos.errorcode.get(code, f"errno {code}")

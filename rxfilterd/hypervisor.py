@@ -14,63 +14,38 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import libvirt
 import libvirt_qemu
 
+from rxfilterd.events import (
+    ConnectionLost,
+    DomainChange,
+    DomainChanged,
+    HypervisorError,
+    HypervisorEvent,
+    RunningDomain,
+    RxFilterChanged,
+)
 from rxfilterd.libvirt_handler import unsupported
+from rxfilterd.ports import EventHandler, Tracer
 
-_T = TypeVar("_T")
-
-DomainChange = Literal[
-    "started", "resumed", "stopped", "defined", "reboot", "device-added", "device-removed"
+__all__ = [
+    "ConnectionLost",
+    "DomainChanged",
+    "Hypervisor",
+    "HypervisorError",
+    "HypervisorEvent",
+    "RunningDomain",
+    "RxFilterChanged",
 ]
 
-
-@dataclass(frozen=True)
-class RxFilterChanged:
-    uuid: str
-    domain: str
-    alias: str
-    # QEMU's own timestamp of the event, seconds since the epoch.
-    timestamp: float
-
-
-@dataclass(frozen=True)
-class DomainChanged:
-    uuid: str
-    domain: str
-    change: DomainChange
-    # libvirt's detail, e.g. "migrated" for a domain arriving from another host.
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class ConnectionLost:
-    reason: str
-
-
-HypervisorEvent = RxFilterChanged | DomainChanged | ConnectionLost
-
-
-@dataclass(frozen=True)
-class RunningDomain:
-    uuid: str
-    name: str
-    xml: str
-
-
-class HypervisorError(Exception):
-    """A libvirt call that failed; `gone` when the domain or object no longer exists."""
-
-    def __init__(self, message: str, *, gone: bool = False) -> None:
-        super().__init__(message)
-        self.gone = gone
-
+_T = TypeVar("_T")
 
 _GONE_CODES = {
     libvirt.VIR_ERR_NO_DOMAIN,
@@ -160,13 +135,15 @@ class Hypervisor:
     def __init__(
         self,
         uri: str,
-        on_event: Callable[[HypervisorEvent], None],
+        on_event: EventHandler,
         *,
+        tracer: Tracer | None = None,
         subscribe: bool = True,
         workers: int = 16,
     ) -> None:
         self._uri = uri
         self._on_event = on_event
+        self._tracer = tracer
         self._subscribe = subscribe
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
         self._conn: Any = None
@@ -254,7 +231,11 @@ class Hypervisor:
                 return
         alias = details.get("name") if isinstance(details, dict) else None
         if isinstance(alias, str):
-            self._emit(RxFilterChanged(dom.UUIDString(), dom.name(), alias, seconds + micros / 1e6))
+            at = time.time() if self._tracer is not None else 0.0
+            event = RxFilterChanged(dom.UUIDString(), dom.name(), alias, seconds + micros / 1e6)
+            self._emit(event)
+            if self._tracer is not None:  # after the hand-over, which it must not delay
+                self._tracer.event_received(event, at)
 
     def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
         change = _LIFECYCLE.get(event)
@@ -386,23 +367,30 @@ class Hypervisor:
         async with lock:
             if not self._queries:  # a connection without subscriptions (explain)
                 return await self._call(
-                    self._monitor_command, self._conn, self._domains, uuid, command
+                    self._monitor_command, self._conn, self._domains, uuid, alias, command
                 )
             chosen = min(self._queries, key=lambda q: q.in_flight)
             chosen.in_flight += 1
             try:
                 return await self._call(
-                    self._monitor_command, chosen.conn, chosen.domains, uuid, command
+                    self._monitor_command, chosen.conn, chosen.domains, uuid, alias, command
                 )
             finally:
                 chosen.in_flight -= 1
 
-    @staticmethod
-    def _monitor_command(conn: Any, domains: dict[str, Any], uuid: str, command: str) -> str:
-        dom = domains.get(uuid)
-        if dom is None:
-            dom = domains[uuid] = conn.lookupByUUIDString(uuid)
-        return str(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
+    def _monitor_command(
+        self, conn: Any, domains: dict[str, Any], uuid: str, alias: str, command: str
+    ) -> str:
+        # In a pool thread.
+        started = time.time() if self._tracer is not None else 0.0
+        try:
+            dom = domains.get(uuid)
+            if dom is None:
+                dom = domains[uuid] = conn.lookupByUUIDString(uuid)
+            return str(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
+        finally:
+            if self._tracer is not None:
+                self._tracer.step("call", alias, started, time.time())
 
     def forget(self, uuid: str) -> None:
         self._domains.pop(uuid, None)

@@ -7,13 +7,13 @@ Shared by the daemon (which syncs the NICs marked "sync") and `rxfilterd explain
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
-from rxfilterd.hypervisor import Hypervisor, RunningDomain
-from rxfilterd.macvtap import HostNetwork, MacvtapError
+from rxfilterd.events import RunningDomain
+from rxfilterd.host_state import MacvtapError
 from rxfilterd.nic import DomainXmlError, Nic, Verdict, classify, parse_domain_nics
 from rxfilterd.plan import handling
 from rxfilterd.policy import SyncPolicy
+from rxfilterd.ports import HostNetworkPort, HypervisorPort, TrustLookups
 from rxfilterd.trust import (
     NetworkTrust,
     Trust,
@@ -58,14 +58,6 @@ class NicReport:
             "action": self.verdict.action,
             "reason": "; ".join(filter(None, (self.verdict.reason, self.trust.note))),
         }
-
-
-class TrustLookups(Protocol):
-    """Protocol: the libvirt look-ups trust needs (Hypervisor provides them)."""
-
-    async def network_xml(self, name: str) -> str | None: ...
-
-    async def network_port_xml(self, network: str, portid: str) -> str | None: ...
 
 
 class TrustResolver:
@@ -120,7 +112,7 @@ class TrustResolver:
         return port_trust(port, resolve_trust(nic.trust_attr, net, nic.portgroup))
 
 
-async def survey_nic(nic: Nic, network: HostNetwork, trusts: TrustResolver) -> NicReport:
+async def survey_nic(nic: Nic, network: HostNetworkPort, trusts: TrustResolver) -> NicReport:
     trust = await trusts.trust(nic)
     # Only a candidate's device is looked at, and only by the name its domain gave.
     candidate = nic.model == "virtio" and nic.type in ("direct", "ethernet") and nic.ifname
@@ -129,7 +121,7 @@ async def survey_nic(nic: Nic, network: HostNetwork, trusts: TrustResolver) -> N
 
 
 async def survey_domain(
-    domain: RunningDomain, network: HostNetwork, trusts: TrustResolver
+    domain: RunningDomain, network: HostNetworkPort, trusts: TrustResolver
 ) -> list[NicReport]:
     try:
         nics = parse_domain_nics(domain.xml)
@@ -138,7 +130,7 @@ async def survey_domain(
     return [await survey_nic(nic, network, trusts) for nic in nics]
 
 
-async def survey(hypervisor: Hypervisor, network: HostNetwork) -> list[NicReport]:
+async def survey(hypervisor: HypervisorPort, network: HostNetworkPort) -> list[NicReport]:
     trusts = TrustResolver(hypervisor)
     reports = []
     for domain in sorted(await hypervisor.running_domains(), key=lambda d: d.name):
@@ -147,7 +139,7 @@ async def survey(hypervisor: Hypervisor, network: HostNetwork) -> list[NicReport
 
 
 async def handling_notes(
-    report: NicReport, network: HostNetwork, policy: SyncPolicy
+    report: NicReport, network: HostNetworkPort, policy: SyncPolicy
 ) -> tuple[str, ...]:
     """How a synced NIC's VLAN ids and unicast table land on its macvtap (for `explain`).
 

@@ -25,7 +25,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.ethtool.ioctl import IoctlEthtool
 from pyroute2.netlink.exceptions import NetlinkError
 
-from rxfilterd.host_state import HostState, LowerVlanFilter
+from rxfilterd.host_state import HostState, LowerVlanFilter, MacvtapError
 from rxfilterd.mac import from_bytes, is_multicast, parse_mac, to_bytes
 from rxfilterd.plan import AddressListChange, Change, FlagChange, MacChange
 
@@ -53,45 +53,6 @@ _HINTS = {
     ("set mac", errnos.EADDRINUSE): "another macvlan/macvtap on the same lower device has it",
     ("fdb add unicast", errnos.EOPNOTSUPP): "only passthru macvtaps accept unicast entries",
 }
-
-
-class MacvtapError(Exception):
-    """An operation on a host link failed."""
-
-    def __init__(
-        self,
-        ifname: str,
-        op: str,
-        errno: int | None = None,
-        detail: str | None = None,
-        *,
-        subject: str | None = None,
-        change: Change | None = None,
-    ) -> None:
-        self.ifname = ifname
-        self.op = op
-        self.errno = errno
-        self.detail = detail
-        # What the op was about (a MAC, "on"/"off"), and the Change it came from.
-        self.subject = subject
-        self.change = change
-        super().__init__(ifname, op, errno, detail)
-
-    def __str__(self) -> str:
-        parts: list[str] = []
-        if self.errno is not None:
-            parts.append(f"{_errno_name(self.errno)} ({os.strerror(self.errno)})")
-        if self.detail:
-            parts.append(self.detail)
-        op = f"{self.op} {self.subject}" if self.subject else self.op
-        return f"{self.ifname}: {op} failed: {': '.join(parts) or 'unknown error'}"
-
-
-def _errno_name(code: int) -> str:
-    # Python maps 95 to ENOTSUP; the kernel and iproute2 say EOPNOTSUPP.
-    if code == errnos.EOPNOTSUPP:
-        return "EOPNOTSUPP"
-    return errnos.errorcode.get(code, f"errno {code}")
 
 
 @dataclass(frozen=True)

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import structlog
 
 from rxfilterd.config import Config
-from rxfilterd.guest_filter import GuestFilterError, parse_reply
-from rxfilterd.host_state import HostState
-from rxfilterd.hypervisor import Hypervisor, HypervisorError
+from rxfilterd.events import HypervisorError
+from rxfilterd.guest_filter import GuestFilter, GuestFilterError, parse_reply
+from rxfilterd.host_state import HostState, MacvtapError
 from rxfilterd.inventory import NicReport, TrustResolver
-from rxfilterd.macvtap import HostNetwork, MacvtapError
 from rxfilterd.nic import DomainXmlError, Nic, parse_domain_nics
-from rxfilterd.plan import AddressListChange, Change, host_after, make_plan
+from rxfilterd.plan import AddressListChange, Change, Plan, host_after, make_plan
+from rxfilterd.ports import HostNetworkPort, HypervisorPort, Tracer
 from rxfilterd.stats import Stats
 from rxfilterd.worker import CoalescingWorker
 
@@ -76,26 +77,79 @@ def retry_delay(failures: int, retry_max: float) -> float:
 
 
 @dataclass
-class _Progress:
-    """How far one sync got, for the line that says what an interrupted sync left."""
+class _Attempt:
+    """One sync in progress: what it works on, and how far it got (for the line that
+    says what an interrupted sync left)."""
 
+    hypervisor: HypervisorPort
+    config: Config
+    nic: NicSync
+    cause: str
     stage: str = "queued"
     applied: list[str] = field(default_factory=list)
     in_flight: str | None = None
     pending: list[str] = field(default_factory=list)
 
+    @property
+    def where(self) -> dict[str, Any]:
+        nic = self.nic.report.nic
+        return {"domain": nic.domain, "alias": nic.alias, "ifname": nic.ifname}
+
 
 class NicSyncer:
     """Runs syncs against one host network; counts them in STATS."""
 
-    def __init__(self, network: HostNetwork, stats: Stats, decide: Decide) -> None:
+    def __init__(
+        self,
+        network: HostNetworkPort,
+        stats: Stats,
+        decide: Decide,
+        *,
+        query_settle: float = QUERY_SETTLE,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.network = network
         self.stats = stats
         self.decide = decide
+        self.query_settle = query_settle
+        self._tracer = tracer
+
+    async def sync(
+        self,
+        hypervisor: HypervisorPort,
+        config: Config,
+        nic: NicSync,
+        cause: str,
+        shutting_down: Callable[[], bool],
+        trusts: TrustResolver,
+    ) -> SyncOutcome:
+        """One sync, and what its outcome costs NIC: a retry kick after a failure."""
+        try:
+            outcome = await self.once(hypervisor, config, nic, cause, shutting_down, trusts)
+        finally:
+            nic.synced_once.set()
+            nic.last_sync = time.time()
+        if outcome == "ok":
+            if nic.failures:
+                log.info(
+                    "recovered",
+                    domain=nic.report.nic.domain,
+                    alias=nic.report.nic.alias,
+                    ifname=nic.report.nic.ifname,
+                    after_attempts=nic.failures,
+                )
+            nic.failures = 0
+            nic.last_failure = None
+        elif outcome == "retry":
+            delay = retry_delay(nic.failures, config.sync.retry_max)
+            nic.failures += 1
+            if nic.worker is not None:
+                nic.worker.kick("retry", delay=delay)
+        return outcome
 
     async def once(
         self,
-        hypervisor: Hypervisor,
+        hypervisor: HypervisorPort,
         config: Config,
         nic: NicSync,
         cause: str,
@@ -103,15 +157,14 @@ class NicSyncer:
         trusts: TrustResolver,
     ) -> SyncOutcome:
         """One query, plan and apply, written only while the NIC is still trusted."""
-        progress = _Progress()
-        assert nic.report.nic.ifname is not None
+        attempt = _Attempt(hypervisor, config, nic, cause)
+        ifname = nic.report.nic.ifname
+        assert ifname is not None
         # The host read does not need the guest's answer: overlap it with the query,
         # which is the slow part (a libvirt round trip and the domain's job lock).
         # A guest's event changes no link facts, only what ioctls read: quick read.
         # Every other cause (start, resync, retry) reads everything again.
-        host_read = asyncio.ensure_future(
-            self.network.read(nic.report.nic.ifname, quick=cause == "event")
-        )
+        host_read = asyncio.ensure_future(self._read(ifname, quick=cause == "event"))
         host_read.add_done_callback(_consume)
         # Trust can change under a running NIC (libvirt >= 10.0 changes it live), and
         # nothing announces it: every sync re-reads it, beside the query, and writes
@@ -119,114 +172,92 @@ class NicSyncer:
         current = asyncio.ensure_future(_still_ours(hypervisor, trusts, nic))
         current.add_done_callback(_consume)
         try:
-            return await self._steps(hypervisor, config, nic, cause, progress, host_read, current)
+            return await self._steps(attempt, host_read, current)
         except asyncio.CancelledError:
-            # Shutdown (or the NIC went) with this sync in flight: say what it leaves.
-            report = nic.report
-            half = bool(progress.applied) or progress.in_flight is not None
-            # Only shutdown leaves work that was wanted; a NIC that went needs nothing.
-            level = "warning" if half else "info" if shutting_down() else "debug"
-            self.decide(
-                "abandoned",
-                level=level,
-                domain=report.nic.domain,
-                alias=report.nic.alias,
-                ifname=report.nic.ifname,
-                stage=progress.stage,
-                cause=cause,
-                applied=progress.applied,
-                # Sent to the kernel, answer not seen: it may or may not have landed.
-                in_flight=progress.in_flight,
-                pending=progress.pending,
-            )
+            self._abandoned(attempt, shutting_down())
             raise
         finally:
             host_read.cancel()
             current.cancel()
 
+    def _abandoned(self, attempt: _Attempt, shutting_down: bool) -> None:
+        """Shutdown (or the NIC went) with this sync in flight: say what it leaves."""
+        half = bool(attempt.applied) or attempt.in_flight is not None
+        # Only shutdown leaves work that was wanted; a NIC that went needs nothing.
+        level = "warning" if half else "info" if shutting_down else "debug"
+        self.decide(
+            "abandoned",
+            level=level,
+            **attempt.where,
+            stage=attempt.stage,
+            cause=attempt.cause,
+            applied=attempt.applied,
+            # Sent to the kernel, answer not seen: it may or may not have landed.
+            in_flight=attempt.in_flight,
+            pending=attempt.pending,
+        )
+
     async def _steps(
         self,
-        hypervisor: Hypervisor,
-        config: Config,
-        nic: NicSync,
-        cause: str,
-        progress: _Progress,
+        attempt: _Attempt,
         host_read: asyncio.Future[HostState | None],
         current: asyncio.Future[str],
     ) -> SyncOutcome:
-        report = nic.report
-        where: dict[str, Any] = {
-            "domain": report.nic.domain,
-            "alias": report.nic.alias,
-            "ifname": report.nic.ifname,
-        }
-
-        def failed(
-            stage: str, error: str, reason: str, level: str = "warning", **extra: Any
-        ) -> Literal["retry"]:
-            self.stats.error(f"{report.nic.domain}/{report.nic.alias}: {error}")
-            nic.result = f"failed: {error}"
-            # The same failure again on a retry is no news for the log (sinks still
-            # get every attempt); a new reason, or the first one, is.
-            repeat = nic.failures > 0 and nic.last_failure == (stage, reason)
-            nic.last_failure = (stage, reason)
-            self.decide(
-                "failed",
-                level="debug" if repeat else level,
-                **where,
-                stage=stage,
-                reason=reason,
-                **extra,
-                error=error,
-                cause=cause,
-                attempt=nic.failures + 1,
-                retry_in=retry_delay(nic.failures, config.sync.retry_max),
-            )
-            return "retry"
-
-        assert report.nic.ifname is not None
-        self.stats.queries += 1
-        progress.stage = "query"
-        try:
-            reply = await hypervisor.query_rx_filter(report.nic.uuid, report.nic.alias)
-        except HypervisorError as exc:
-            # A domain being destroyed fails the query with a monitor error before
-            # libvirt calls it gone: not a failure of ours (its stop event cleans up).
-            if exc.gone or not await _still_running(hypervisor, report.nic.uuid):
-                log.debug("domain gone during query", **where, error=str(exc))
-                return "ok"
-            return failed("query", str(exc), "libvirt")
-        try:
-            guest = parse_reply(reply, report.nic.alias)
-        except GuestFilterError as exc:
-            # Hostile or broken: never applied, and not retried until the guest changes.
-            nic.result = f"rejected: {exc}"
-            self.decide("rejected", level="warning", **where, error=str(exc))
-            return "ok"
+        nic = attempt.nic
+        guest = await self._query(attempt)
+        if not isinstance(guest, GuestFilter):
+            return guest
         nic.guest = guest.summary()
-        progress.stage = "read"
+        attempt.stage = "read"
         try:
             host = await host_read
         except MacvtapError as exc:
-            return failed("read", str(exc), _reason(exc))
+            return self._failed(attempt, "read", str(exc), _reason(exc))
         if host is None:
-            return failed("read", f"{report.nic.ifname}: macvtap is gone", "gone")
+            gone = f"{nic.report.nic.ifname}: macvtap is gone"
+            return self._failed(attempt, "read", gone, "gone")
         nic.host = host.summary()
-        progress.stage = "trust"
+        attempt.stage = "trust"
         try:
             why_not = await current
         except HypervisorError as exc:
-            return failed("trust", str(exc), "libvirt")
+            return self._failed(attempt, "trust", str(exc), "libvirt")
         if why_not:
             # Not one write for a NIC libvirt no longer trusts (or that is not the
             # device we synced any more); the daemon re-reads the domain.
             nic.result = f"stopped: {why_not}"
-            log.info("not ours any more", **where, why=why_not, cause=cause)
+            log.info("not ours any more", **attempt.where, why=why_not, cause=attempt.cause)
             return "stale"
-        policy, _source = config.policy_for(
-            report.nic.domain, report.nic.network, report.nic.portgroup
-        )
-        plan = make_plan(guest, host, policy, libvirt_syncs=report.verdict.libvirt_syncs)
+        plan = self._plan(attempt, guest, host)
+        return await self._apply(attempt, host, plan)
+
+    async def _query(self, attempt: _Attempt) -> GuestFilter | SyncOutcome:
+        """The guest's filter, or the outcome of a query that gave none."""
+        synced = attempt.nic.report.nic
+        self.stats.queries += 1
+        attempt.stage = "query"
+        try:
+            reply = await self._query_rx_filter(attempt.hypervisor, synced.uuid, synced.alias)
+        except HypervisorError as exc:
+            # A domain being destroyed fails the query with a monitor error before
+            # libvirt calls it gone: not a failure of ours (its stop event cleans up).
+            if exc.gone or not await self._still_running(attempt.hypervisor, synced.uuid):
+                log.debug("domain gone during query", **attempt.where, error=str(exc))
+                return "ok"
+            return self._failed(attempt, "query", str(exc), "libvirt")
+        try:
+            return parse_reply(reply, synced.alias)
+        except GuestFilterError as exc:
+            # Hostile or broken: never applied, and not retried until the guest changes.
+            attempt.nic.result = f"rejected: {exc}"
+            self.decide("rejected", level="warning", **attempt.where, error=str(exc))
+            return "ok"
+
+    def _plan(self, attempt: _Attempt, guest: GuestFilter, host: HostState) -> Plan:
+        """The plan, with its refusals, notes and drift said once each."""
+        nic, synced = attempt.nic, attempt.nic.report.nic
+        policy, _source = attempt.config.policy_for(synced.domain, synced.network, synced.portgroup)
+        plan = make_plan(guest, host, policy, libvirt_syncs=nic.report.verdict.libvirt_syncs)
         self.stats.syncs += 1
         for refusal in plan.refusals:
             if (refusal.field, refusal.value) not in nic.refused:
@@ -234,7 +265,7 @@ class NicSyncer:
                 self.decide(
                     "refused",
                     level="warning",
-                    **where,
+                    **attempt.where,
                     field=refusal.field,
                     value=refusal.value,
                     reason=refusal.reason,
@@ -242,58 +273,139 @@ class NicSyncer:
         for note in plan.notes:
             if note not in nic.noted:
                 nic.noted.add(note)
-                log.info("note", **where, note=note)
-        if cause == "resync" and plan.changes:
+                log.info("note", **attempt.where, note=note)
+        if attempt.cause == "resync" and plan.changes:
             # Nobody asked for a change, yet the host differs from the guest: drift.
             fields = [change_fields(c) for c in plan.changes]
             self.decide(
                 "drift",
                 level="warning",
-                **where,
+                **attempt.where,
                 fields=[f["field"] for f in fields],
                 found={f["field"]: f["old"] for f in fields},
                 expected={f["field"]: f["new"] for f in fields},
             )
-        dry_run = config.sync.dry_run
-        nic.result = "dry-run" if dry_run and plan.changes else "ok"
-        progress.stage = "apply"
-        progress.pending = [c.field for c in plan.changes]
+        return plan
+
+    async def _apply(self, attempt: _Attempt, host: HostState, plan: Plan) -> SyncOutcome:
+        """Every change of PLAN, one at a time; a refused one does not hold back the rest."""
+        dry_run = attempt.config.sync.dry_run
+        attempt.nic.result = "dry-run" if dry_run and plan.changes else "ok"
+        attempt.stage = "apply"
+        attempt.pending = [c.field for c in plan.changes]
         applied: list[Change] = []
         outcome: SyncOutcome = "ok"
         for change in plan.changes:
-            progress.pending.remove(change.field)
+            attempt.pending.remove(change.field)
             if dry_run:
-                self.decide("would-apply", **where, **change_fields(change), cause=cause)
+                self.decide(
+                    "would-apply", **attempt.where, **change_fields(change), cause=attempt.cause
+                )
                 continue
-            progress.in_flight = change.field
+            attempt.in_flight = change.field
             try:
-                await self.network.apply(host, [change])
+                await self._write(host, change)
             except MacvtapError as exc:
-                progress.in_flight = None
-                # The other changes do not depend on this one: they still go in.
-                outcome = failed(
+                attempt.in_flight = None
+                outcome = self._failed(
+                    attempt,
                     "apply",
                     str(exc),
                     _reason(exc),
                     "error",
                     **change_fields(change),
-                    pending=list(progress.pending),
+                    pending=list(attempt.pending),
                 )
                 if exc.errno is None:
                     break  # the link vanished: nothing more can land on it
                 continue
-            progress.in_flight = None
-            progress.applied.append(change.field)
+            attempt.in_flight = None
+            attempt.applied.append(change.field)
             applied.append(change)
             self.stats.writes += 1
-            self.decide("applied", **where, **change_fields(change), cause=cause)
+            self.decide("applied", **attempt.where, **change_fields(change), cause=attempt.cause)
         if applied:
-            nic.host = host_after(host, applied).summary()  # saves a netlink re-read
-        log.debug("synced", **where, cause=cause, changes=len(plan.changes), outcome=outcome)
+            attempt.nic.host = host_after(host, applied).summary()  # saves a netlink re-read
+        log.debug(
+            "synced",
+            **attempt.where,
+            cause=attempt.cause,
+            changes=len(plan.changes),
+            outcome=outcome,
+        )
         return outcome
 
+    def _failed(
+        self,
+        attempt: _Attempt,
+        stage: str,
+        error: str,
+        reason: str,
+        level: str = "warning",
+        **extra: Any,
+    ) -> Literal["retry"]:
+        nic, synced = attempt.nic, attempt.nic.report.nic
+        self.stats.error(f"{synced.domain}/{synced.alias}: {error}")
+        nic.result = f"failed: {error}"
+        # The same failure again on a retry is no news for the log (sinks still
+        # get every attempt); a new reason, or the first one, is.
+        repeat = nic.failures > 0 and nic.last_failure == (stage, reason)
+        nic.last_failure = (stage, reason)
+        self.decide(
+            "failed",
+            level="debug" if repeat else level,
+            **attempt.where,
+            stage=stage,
+            reason=reason,
+            **extra,
+            error=error,
+            cause=attempt.cause,
+            attempt=nic.failures + 1,
+            retry_in=retry_delay(nic.failures, attempt.config.sync.retry_max),
+        )
+        return "retry"
 
-async def _still_ours(hypervisor: Hypervisor, trusts: TrustResolver, nic: NicSync) -> str:
+    # The ports' calls on the hot path, timed only when a tracer is set.
+    async def _query_rx_filter(self, hypervisor: HypervisorPort, uuid: str, alias: str) -> str:
+        if self._tracer is None:
+            return await hypervisor.query_rx_filter(uuid, alias)
+        started = time.time()
+        try:
+            return await hypervisor.query_rx_filter(uuid, alias)
+        finally:
+            self._tracer.step("query", alias, started, time.time())
+
+    def _read(self, ifname: str, *, quick: bool) -> Awaitable[HostState | None]:
+        if self._tracer is None:
+            return self.network.read(ifname, quick=quick)
+        return self._traced_read(self._tracer, ifname, quick=quick)
+
+    async def _traced_read(self, tracer: Tracer, ifname: str, *, quick: bool) -> HostState | None:
+        started = time.time()
+        try:
+            return await self.network.read(ifname, quick=quick)
+        finally:
+            tracer.step("read", ifname, started, time.time())
+
+    async def _write(self, host: HostState, change: Change) -> None:
+        if self._tracer is None:
+            await self.network.apply(host, [change])
+            return
+        started = time.time()
+        try:
+            await self.network.apply(host, [change])
+        finally:
+            self._tracer.step("write", change.field, started, time.time())
+
+    async def _still_running(self, hypervisor: HypervisorPort, uuid: str) -> bool:
+        await asyncio.sleep(self.query_settle)  # let libvirt notice a QEMU that just exited
+        try:
+            return await hypervisor.domain(uuid) is not None
+        except HypervisorError:
+            return True  # cannot tell: report the failure
+
+
+async def _still_ours(hypervisor: HypervisorPort, trusts: TrustResolver, nic: NicSync) -> str:
     """Why NIC may not be written now ("" when it may): its current XML, resolved."""
     synced = nic.report.nic
     xml = await hypervisor.domain_xml(synced.uuid)
@@ -310,14 +422,6 @@ async def _still_ours(hypervisor: Hypervisor, trusts: TrustResolver, nic: NicSyn
         return "the NIC's device changed"
     trust = await trusts.trust(found[0])
     return "" if trust.value else f"untrusted now ({trust.source})"
-
-
-async def _still_running(hypervisor: Hypervisor, uuid: str) -> bool:
-    await asyncio.sleep(QUERY_SETTLE)  # let libvirt notice a QEMU that just exited
-    try:
-        return await hypervisor.domain(uuid) is not None
-    except HypervisorError:
-        return True  # cannot tell: report the failure
 
 
 def _device(nic: Nic) -> tuple[str | None, ...]:

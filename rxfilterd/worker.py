@@ -145,3 +145,48 @@ class CoalescingWorker:
     @property
     def stopped(self) -> bool:
         return self._task.done()
+
+
+class WorkerPool:
+    """Every worker made and not yet told to stop, and those stopping.
+
+    The bookkeeping that proves nothing is left behind for a NIC or domain that went.
+    """
+
+    def __init__(self) -> None:
+        self._live: set[CoalescingWorker] = set()
+        self._stopping: set[CoalescingWorker] = set()
+
+    def start(
+        self,
+        name: str,
+        job: Callable[[str], Awaitable[None]],
+        *,
+        rate: float | None = None,
+        burst: int = 1,
+        settle: float = 0.0,
+    ) -> CoalescingWorker:
+        worker = CoalescingWorker(name, job, rate=rate, burst=burst, settle=settle)
+        self._live.add(worker)
+        return worker
+
+    def retire(
+        self, workers: list[CoalescingWorker], grace: float, then: Callable[[], None]
+    ) -> asyncio.Task[None]:
+        """Stop WORKERS in a task (callers may be one of their jobs), then call THEN."""
+        for worker in workers:
+            self._live.discard(worker)
+            self._stopping.add(worker)
+
+        async def stop_all() -> None:
+            try:
+                await asyncio.gather(*(w.stop(grace) for w in workers))
+            finally:
+                self._stopping.difference_update(workers)
+                then()
+
+        return asyncio.get_running_loop().create_task(stop_all())
+
+    def counts(self, owned: set[CoalescingWorker]) -> tuple[int, int, int]:
+        """Live workers, those stopping, and live ones OWNED does not hold (orphans)."""
+        return len(self._live), len(self._stopping), len(self._live - owned)

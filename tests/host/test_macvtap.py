@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from rxfilterd.host_state import HostState
-from rxfilterd.macvtap import HostNetwork, MacvtapError
+from rxfilterd.host_state import HostState, MacvtapError
+from rxfilterd.macvtap import HostNetwork
 from rxfilterd.plan import AddressListChange, Change, FlagChange, MacChange
 
 if TYPE_CHECKING:

@@ -9,31 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Iterator
-from dataclasses import replace
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import structlog
 
-from rxfilterd import daemon as daemon_mod
-from rxfilterd import nic_sync
 from rxfilterd.config import Config, LibvirtSettings, SyncSettings
-from rxfilterd.daemon import Daemon, DomainSync
+from rxfilterd.daemon import Daemon
+from rxfilterd.events import DomainChanged, HypervisorError, RxFilterChanged
 from rxfilterd.host_state import HostState
-from rxfilterd.hypervisor import (
-    ConnectionLost,
-    DomainChanged,
-    HypervisorError,
-    HypervisorEvent,
-    RunningDomain,
-    RxFilterChanged,
-)
-from rxfilterd.inventory import NicReport
-from rxfilterd.macvtap import MacvtapError
+from rxfilterd.inventory import NicReport, TrustResolver
 from rxfilterd.nic import Nic, Verdict
-from rxfilterd.nic_sync import NicSync
-from rxfilterd.plan import Change, MacChange
+from rxfilterd.nic_sync import NicSync, NicSyncer, SyncOutcome
+from rxfilterd.reconciler import Timings
+from rxfilterd.sinks import Sinks
+from rxfilterd.stats import Stats
+from rxfilterd.testing import FakeHostNetwork, FakeLibvirt, RecordingTracer
 from rxfilterd.trust import Trust
 from tests.support.qmp import rx_filter_entry, rx_filter_reply
 
@@ -63,82 +55,28 @@ def host_state(mac: str = MAC0, promiscuous: bool = False, ifindex: int = 7) -> 
     )
 
 
-def domain_xml(trust: str | None = "yes", ifname: str = "mvt0") -> str:
-    """Live XML of domain d1 with one ethernet virtio NIC net0 on IFNAME."""
+def interface(alias: str = "net0", trust: str | None = "yes", ifname: str = "mvt0") -> str:
     attr = f" trustGuestRxFilters='{trust}'" if trust else ""
     return (
-        f"<domain><name>d1</name><uuid>u1</uuid><devices><interface type='ethernet'{attr}>"
-        f"<mac address='{MAC0}'/><target dev='{ifname}' managed='no'/>"
-        "<model type='virtio'/><alias name='net0'/></interface></devices></domain>"
+        f"<interface type='ethernet'{attr}><mac address='{MAC0}'/>"
+        f"<target dev='{ifname}' managed='no'/><model type='virtio'/>"
+        f"<alias name='{alias}'/></interface>"
     )
 
 
-class FakeHypervisor:
-    def __init__(self) -> None:
-        self.reply = reply()
-        # The live domain XML each sync re-reads trust from (None: not running).
-        self.xml: str | None = domain_xml()
-        self.queries = 0
-        self.block: asyncio.Event | None = None
-        self.forgotten: list[str] = []
-        self.error: HypervisorError | None = None
-        self.running = True
-
-    async def query_rx_filter(self, uuid: str, alias: str) -> str:
-        self.queries += 1
-        if self.block is not None:
-            await self.block.wait()
-        if self.error is not None:
-            raise self.error
-        return self.reply
-
-    async def domain(self, uuid: str) -> RunningDomain | None:
-        return RunningDomain(uuid, "d1", "<domain/>") if self.running else None
-
-    async def domain_xml(self, uuid: str) -> str | None:
-        return self.xml if self.running else None
-
-    async def network_xml(self, name: str) -> str | None:
-        return None
-
-    async def network_port_xml(self, network: str, portid: str) -> str | None:
-        return None
-
-    def forget(self, uuid: str) -> None:
-        self.forgotten.append(uuid)
+def domain_xml(
+    trust: str | None = "yes", ifname: str = "mvt0", aliases: tuple[str, ...] = ("net0",)
+) -> str:
+    """Live XML of domain d1 with ethernet virtio NICs (ALIASES) on IFNAME."""
+    nics = "".join(interface(alias, trust, ifname) for alias in aliases)
+    return f"<domain><name>d1</name><uuid>u1</uuid><devices>{nics}</devices></domain>"
 
 
-class FakeNetwork:
-    def __init__(self) -> None:
-        self.state: HostState | None = host_state()
-        self.applied: list[Change] = []
-        # field -> errno (None: the link vanished) raised when that field is applied.
-        self.refuse: dict[str, int | None] = {}
-        # A field whose write never completes (the sync is cut off there).
-        self.hang: str | None = None
-        self.reads: list[bool] = []  # quick= of each read
-
-    async def read(self, ifname: str, *, quick: bool = False) -> HostState | None:
-        self.reads.append(quick)
-        return self.state
-
-    async def is_macvtap(self, ifname: str) -> bool:
-        return True
-
-    async def apply(self, state: HostState, changes: list[Change]) -> None:
-        for change in changes:
-            if change.field in self.refuse:
-                code = self.refuse[change.field]
-                op = "apply" if code is None else f"set {change.field}"
-                raise MacvtapError(state.ifname, op, code, change=change)
-            if change.field == self.hang:
-                await asyncio.Event().wait()
-            self.applied.append(change)
-            assert self.state is not None
-            if isinstance(change, MacChange):
-                self.state = replace(self.state, mac=change.new)
-            elif change.field == "promiscuous":
-                self.state = replace(self.state, promiscuous=bool(change.new))
+def libvirt_with_d1(*aliases: str) -> FakeLibvirt:
+    libvirt = FakeLibvirt()
+    libvirt.reply = reply()
+    libvirt.domains["u1"] = domain_xml(aliases=aliases or ("net0",))
+    return libvirt
 
 
 def nic_report(alias: str = "net0", domain: str = "d1", uuid: str = "u1") -> NicReport:
@@ -175,26 +113,91 @@ def records() -> Iterator[list[dict[str, Any]]]:
         structlog.reset_defaults()
 
 
-def make_daemon(
-    network: FakeNetwork, hypervisor: FakeHypervisor | None = None, **sync: Any
-) -> Daemon:
-    config = Config(sync=SyncSettings(**sync))
-    daemon = Daemon(config, network)  # type: ignore[arg-type]
-    daemon._hypervisor = hypervisor or FakeHypervisor()  # type: ignore[assignment]
-    return daemon
-
-
 def events(records: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [r for r in records if r["event"] == name]
+
+
+class OneSync:
+    """NicSyncer with fake ports: one sync at a time, as a NIC's worker runs them."""
+
+    def __init__(self, network: FakeHostNetwork, libvirt: FakeLibvirt, **sync: Any) -> None:
+        self.config = Config(sync=SyncSettings(**sync))
+        self.connection = libvirt.connect("test:///", lambda _event: None)
+        self.syncer = NicSyncer(network, Stats(), Sinks().decide, query_settle=0.01)
+        self.shutting_down = False
+
+    async def once(self, nic: NicSync, cause: str) -> SyncOutcome:
+        return await self.syncer.once(
+            self.connection, self.config, nic, cause, self.stopping, self.trusts()
+        )
+
+    async def sync(self, nic: NicSync, cause: str) -> SyncOutcome:
+        return await self.syncer.sync(
+            self.connection, self.config, nic, cause, self.stopping, self.trusts()
+        )
+
+    def trusts(self) -> TrustResolver:
+        return TrustResolver(self.connection, replug=False)
+
+    def stopping(self) -> bool:
+        return self.shutting_down
+
+
+def one_sync(network: FakeHostNetwork, libvirt: FakeLibvirt | None = None, **sync: Any) -> OneSync:
+    return OneSync(network, libvirt or libvirt_with_d1(), **sync)
+
+
+async def until(condition: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    """Wait for CONDITION (a generous LIMIT: it fails a test only if never met)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.005)
+
+
+class Running:
+    """A Daemon on fake ports, running until the test leaves the block."""
+
+    def __init__(
+        self,
+        libvirt: FakeLibvirt,
+        network: FakeHostNetwork,
+        *,
+        config: Config | None = None,
+        timings: Timings | None = None,
+        tracer: RecordingTracer | None = None,
+    ) -> None:
+        self.statuses: list[str] = []
+        self.daemon = Daemon(
+            config or Config(),
+            network,
+            connect=libvirt.connect,
+            on_status=[self.statuses.append],
+            timings=timings,
+            tracer=tracer,
+        )
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Daemon:
+        self.task = asyncio.ensure_future(self.daemon.run(self.stop))
+        return self.daemon
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 10)
 
 
 def test_hostile_reply_is_rejected_and_nothing_is_applied(
     records: list[dict[str, Any]],
 ) -> None:
-    network = FakeNetwork()
-    hypervisor = FakeHypervisor()
+    network = FakeHostNetwork(host_state())
+    libvirt = libvirt_with_d1()
     # A broadcast "main MAC" and a table far past QEMU's 64 entries.
-    hypervisor.reply = reply(
+    libvirt.reply = reply(
         **{
             "main-mac": "ff:ff:ff:ff:ff:ff",
             "multicast-table": [f"01:00:5e:00:00:{i:02x}" for i in range(200)],
@@ -202,8 +205,7 @@ def test_hostile_reply_is_rejected_and_nothing_is_applied(
     )
 
     async def scenario() -> str:
-        daemon = make_daemon(network, hypervisor)
-        return await daemon._sync_once(NicSync(nic_report()), "event")
+        return await one_sync(network, libvirt).once(NicSync(nic_report()), "event")
 
     assert asyncio.run(scenario()) == "ok"  # not retried: only a guest change re-arms it
     assert network.applied == []
@@ -224,16 +226,16 @@ def test_hostile_reply_is_rejected_and_nothing_is_applied(
 def test_apply_failure_names_the_reason_and_retries_with_backoff(
     records: list[dict[str, Any]], code: int | None, reason: str
 ) -> None:
-    network = FakeNetwork()
+    network = FakeHostNetwork(host_state())
     network.refuse["mac"] = code
-    hypervisor = FakeHypervisor()
-    hypervisor.reply = reply(**{"main-mac": MAC1, "promiscuous": True})
+    libvirt = libvirt_with_d1()
+    libvirt.reply = reply(**{"main-mac": MAC1, "promiscuous": True})
 
     async def scenario() -> int:
-        daemon = make_daemon(network, hypervisor, retry_max=4.0)
+        syncs = one_sync(network, libvirt, retry_max=4.0)
         nic = NicSync(nic_report())
         for _ in range(4):
-            await daemon._sync_nic(nic, "event")
+            await syncs.sync(nic, "event")
         return nic.failures
 
     assert asyncio.run(scenario()) == 4
@@ -258,21 +260,22 @@ def test_apply_failure_names_the_reason_and_retries_with_backoff(
 def test_a_failing_nic_is_retried_on_its_own_worker_only(
     records: list[dict[str, Any]],
 ) -> None:
-    network = FakeNetwork()
+    network = FakeHostNetwork(host_state())
     network.refuse["mac"] = errno.EADDRINUSE
-    hypervisor = FakeHypervisor()
-    hypervisor.reply = reply(**{"main-mac": MAC1})
+    libvirt = libvirt_with_d1()
+    libvirt.reply = reply(**{"main-mac": MAC1})
+    config = Config(sync=SyncSettings(retry_max=0.1))
 
     async def scenario() -> tuple[int, int]:
-        daemon = make_daemon(network, hypervisor, retry_max=0.1)
-        domain = DomainSync("u1", "d1")
-        daemon._domains["u1"] = domain
-        daemon._update_domain(domain, "d1", [nic_report("net0")], "start")
-        await asyncio.sleep(0.45)  # first try, then retries every 0.1 s (capped)
-        queries = hypervisor.queries
-        daemon._drop_domain("u1", "test")
-        await asyncio.sleep(0.3)
-        return queries, hypervisor.queries
+        async with Running(libvirt, network, config=config) as daemon:
+            # The first try, then retries every 0.1 s (capped).
+            await until(lambda: libvirt.queries >= 3, "three tries")
+            del libvirt.domains["u1"]
+            libvirt.emit(DomainChanged("u1", "d1", "stopped", "destroyed"))
+            await until(lambda: daemon.tracking().workers == 0, "the domain's workers stop")
+            queries = libvirt.queries
+            await asyncio.sleep(0.3)  # would be three more retries
+            return queries, libvirt.queries
 
     before, after = asyncio.run(scenario())
     assert before >= 3  # kept retrying with the capped backoff
@@ -280,13 +283,12 @@ def test_a_failing_nic_is_retried_on_its_own_worker_only(
 
 
 def test_drift_found_by_the_resync_is_logged_as_drift(records: list[dict[str, Any]]) -> None:
-    network = FakeNetwork()
-    network.state = host_state(promiscuous=True)  # someone: ip link set mvt0 promisc on
+    network = FakeHostNetwork(host_state(promiscuous=True))  # ip link set mvt0 promisc on
 
     async def scenario() -> None:
-        daemon = make_daemon(network)
-        await daemon._sync_once(NicSync(nic_report()), "resync")
-        await daemon._sync_once(NicSync(nic_report()), "resync")  # in sync now: quiet
+        syncs = one_sync(network)
+        await syncs.once(NicSync(nic_report()), "resync")
+        await syncs.once(NicSync(nic_report()), "resync")  # in sync now: quiet
 
     asyncio.run(scenario())
     [drift] = events(records, "drift")
@@ -298,11 +300,10 @@ def test_drift_found_by_the_resync_is_logged_as_drift(records: list[dict[str, An
 
 
 def test_guest_changes_are_not_called_drift(records: list[dict[str, Any]]) -> None:
-    network = FakeNetwork()
-    network.state = host_state(promiscuous=True)
+    network = FakeHostNetwork(host_state(promiscuous=True))
 
     async def scenario() -> None:
-        await make_daemon(network)._sync_once(NicSync(nic_report()), "event")
+        await one_sync(network).once(NicSync(nic_report()), "event")
 
     asyncio.run(scenario())
     assert events(records, "drift") == []
@@ -312,28 +313,28 @@ def test_guest_changes_are_not_called_drift(records: list[dict[str, Any]]) -> No
 def test_only_a_guest_event_takes_the_quick_host_read(records: list[dict[str, Any]]) -> None:
     # An event changes what ioctls read; anything else (start, resync, retry, a guest
     # reset) may come with a recreated or reconfigured link and reads everything.
-    network = FakeNetwork()
+    network = FakeHostNetwork(host_state())
 
     async def scenario() -> None:
-        daemon = make_daemon(network)
+        syncs = one_sync(network)
         for cause in ("start", "event", "resync", "retry", "reset", "event"):
-            await daemon._sync_once(NicSync(nic_report()), cause)
+            await syncs.once(NicSync(nic_report()), cause)
 
     asyncio.run(scenario())
     assert network.reads == [False, True, False, False, False, True]
 
 
 def test_a_sync_cut_off_mid_plan_says_what_it_left(records: list[dict[str, Any]]) -> None:
-    network = FakeNetwork()
-    hypervisor = FakeHypervisor()
-    hypervisor.reply = reply(**{"main-mac": MAC1, "promiscuous": True})
+    network = FakeHostNetwork(host_state())
+    libvirt = libvirt_with_d1()
+    libvirt.reply = reply(**{"main-mac": MAC1, "promiscuous": True})
 
     async def scenario() -> None:
-        daemon = make_daemon(network, hypervisor)
-        nic = NicSync(nic_report())
+        syncs = one_sync(network, libvirt)
         network.hang = "promiscuous"  # the MAC lands, then this write hangs
-        task = asyncio.ensure_future(daemon._sync_once(nic, "event"))
-        await asyncio.sleep(0.05)
+        task = asyncio.ensure_future(syncs.once(NicSync(nic_report()), "event"))
+        await until(lambda: len(network.applied) == 1, "the MAC write")
+        await asyncio.sleep(0.01)  # the next write is in flight
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -346,42 +347,30 @@ def test_a_sync_cut_off_mid_plan_says_what_it_left(records: list[dict[str, Any]]
 
 
 def test_shutdown_lets_a_sync_in_flight_finish(records: list[dict[str, Any]]) -> None:
-    network = FakeNetwork()
-    hypervisor = FakeHypervisor()
-    hypervisor.reply = reply(**{"main-mac": MAC1})
-    block = hypervisor.block = asyncio.Event()
+    network = FakeHostNetwork(host_state())
+    libvirt = libvirt_with_d1()
+    libvirt.reply = reply(**{"main-mac": MAC1})
 
     async def scenario() -> None:
-        daemon = make_daemon(network, hypervisor)
-        domain = DomainSync("u1", "d1")
-        daemon._domains["u1"] = domain
-        daemon._update_domain(domain, "d1", [nic_report()], "start")
-        await asyncio.sleep(0.01)  # the query is in flight
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.2, block.set)  # answers well within the grace
-        await daemon._drop_all("stopping")
+        block = libvirt.block = asyncio.Event()
+        async with Running(libvirt, network):
+            await until(lambda: libvirt.queries == 1, "the query is in flight")
+            # Answers well within the grace, after the stop.
+            asyncio.get_running_loop().call_later(0.2, block.set)
 
     asyncio.run(scenario())
     assert [c.field for c in network.applied] == ["mac"]
     assert events(records, "abandoned") == []
 
 
-def test_shutdown_abandons_a_stuck_query_with_a_line(
-    records: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(daemon_mod, "SHUTDOWN_GRACE", 0.1)
-    network = FakeNetwork()
-    hypervisor = FakeHypervisor()
-    hypervisor.block = asyncio.Event()  # a stuck domain: never answers
+def test_shutdown_abandons_a_stuck_query_with_a_line(records: list[dict[str, Any]]) -> None:
+    network = FakeHostNetwork(host_state())
+    libvirt = libvirt_with_d1()
 
     async def scenario() -> None:
-        daemon = make_daemon(network, hypervisor)
-        domain = DomainSync("u1", "d1")
-        daemon._domains["u1"] = domain
-        daemon._update_domain(domain, "d1", [nic_report()], "start")
-        await asyncio.sleep(0.01)
-        daemon._shutting_down = True  # as run() does once stop is set
-        await asyncio.wait_for(daemon._drop_all("stopping"), 2)
+        libvirt.block = asyncio.Event()  # a stuck domain: never answers
+        async with Running(libvirt, network, timings=Timings(shutdown_grace=0.1)):
+            await until(lambda: libvirt.queries == 1, "the query is in flight")
 
     asyncio.run(scenario())
     [line] = events(records, "abandoned")
@@ -389,155 +378,99 @@ def test_shutdown_abandons_a_stuck_query_with_a_line(
 
 
 def test_unplug_and_stop_leave_no_worker_behind(records: list[dict[str, Any]]) -> None:
-    async def scenario() -> Daemon:
-        daemon = make_daemon(FakeNetwork())
-        domain = DomainSync("u1", "d1")
-        daemon._domains["u1"] = domain
-        daemon._domain_worker("u1", "d1")
-        daemon._update_domain(domain, "d1", [nic_report("net0"), nic_report("net1")], "start")
-        assert len(daemon._workers) == 3
-        daemon._update_domain(domain, "d1", [nic_report("net0")], "device-removed")
-        await asyncio.sleep(0.01)
-        assert set(domain.nics) == {"net0"} and len(daemon._workers) == 2
-        task = daemon._drop_domain("u1", "stopped")
-        assert task is not None
-        await task
-        return daemon
+    libvirt = libvirt_with_d1("net0", "net1")
 
-    daemon = asyncio.run(scenario())
-    assert daemon._domains == {} and daemon._workers == set() and daemon._stopping == set()
+    async def scenario() -> None:
+        async with Running(libvirt, FakeHostNetwork(host_state())) as daemon:
+            await until(lambda: libvirt.queries == 2, "both NICs synced")
+            assert daemon.tracking().domains == {"d1": ("net0", "net1")}
+            assert daemon.tracking().workers == 3  # the domain's and one per NIC
+            libvirt.domains["u1"] = domain_xml(aliases=("net0",))
+            libvirt.emit(DomainChanged("u1", "d1", "device-removed"))
+            await until(lambda: daemon.tracking().workers == 2, "net1's worker stops")
+            assert daemon.tracking().domains == {"d1": ("net0",)}
+            del libvirt.domains["u1"]
+            libvirt.emit(DomainChanged("u1", "d1", "stopped", "destroyed"))
+            await until(lambda: not daemon.tracking().domains, "d1 is dropped")
+            await until(lambda: daemon.tracking().stopping == 0, "its workers stopped")
+            assert daemon.tracking().workers == 0 and daemon.tracking().orphans == 0
+
+    asyncio.run(scenario())
     tracking = events(records, "tracking")
-    assert tracking[-1]["domains"] == {} and tracking[-1]["orphans"] == 0
+    assert {"domains": {}, "orphans": 0}.items() <= tracking[-1].items()
     assert all(t["orphans"] == 0 for t in tracking)
     assert [r["alias"] for r in events(records, "nic gone")] == ["net1"]
-    assert daemon._hypervisor.forgotten == ["u1"]  # type: ignore[union-attr]
+    assert libvirt.forgotten == ["u1"]
 
 
 def test_a_start_right_behind_a_stop_is_not_lost(records: list[dict[str, Any]]) -> None:
     """STOPPED then STARTED back to back (a restore, a migration back): re-surveyed."""
-    network = FakeNetwork()
-    hypervisor = FakeHypervisor()
-    surveyed: list[str] = []
-
-    async def domain(uuid: str) -> RunningDomain:
-        surveyed.append(uuid)
-        return RunningDomain(uuid, "d1", "<domain/>")
-
-    hypervisor.domain = domain  # type: ignore[method-assign]
+    libvirt = libvirt_with_d1()
 
     async def scenario() -> None:
-        daemon = make_daemon(network, hypervisor)
-        domain_sync = DomainSync("u1", "d1")
-        daemon._domains["u1"] = domain_sync
-        daemon._dispatch(DomainChanged("u1", "d1", "stopped", "saved"))
-        daemon._dispatch(DomainChanged("u1", "d1", "started", "restored"))
-        await asyncio.sleep(0.05)
-        assert "u1" in daemon._domains and daemon._domains["u1"] is not domain_sync
-        await daemon._drop_all("stopping")
+        async with Running(libvirt, FakeHostNetwork(host_state())) as daemon:
+            await until(lambda: libvirt.queries == 1, "net0 synced")
+            libvirt.emit(DomainChanged("u1", "d1", "stopped", "saved"))
+            libvirt.emit(DomainChanged("u1", "d1", "started", "restored"))
+            await until(lambda: libvirt.queries == 2, "net0 synced again")
+            assert daemon.tracking().domains == {"d1": ("net0",)}
 
     asyncio.run(scenario())
-    assert surveyed == ["u1"]
+    assert libvirt.looked_up == ["u1"]
     lines = events(records, "domain event")
     assert [(r["change"], r["detail"]) for r in lines] == [
         ("stopped", "saved"),
         ("started", "restored"),
     ]
+    # Dropped at the stop, surveyed afresh at the start (and dropped at shutdown).
+    gone = [r["why"] for r in events(records, "domain gone")]
+    assert gone == ["stopped (saved)", "stopping"]
 
 
 def test_filter_events_skip_the_queue_only_with_nothing_queued_ahead() -> None:
-    order: list[str] = []
+    tracer = RecordingTracer()
+    libvirt = FakeLibvirt()
 
-    def dispatch(event: HypervisorEvent) -> None:
-        order.append(event.alias if isinstance(event, RxFilterChanged) else str(event))
-
-    async def scenario() -> None:
-        daemon = make_daemon(FakeNetwork())
-        daemon._dispatch = dispatch  # type: ignore[method-assign]
-        hypervisor = daemon._hypervisor
-        assert hypervisor is not None
-
-        async def no_domains() -> list[RunningDomain]:
-            return []
-
-        hypervisor.running_domains = no_domains  # type: ignore[method-assign]
-        gen = daemon._generation
-        daemon._on_event(gen, RxFilterChanged("u1", "d1", "early", 0.0))  # before serving
-        assert order == []
-        stop = asyncio.Event()
-        serve = asyncio.ensure_future(daemon._serve(hypervisor, stop, "start"))
-        await asyncio.sleep(0.01)
-        assert order == ["early"]
-        daemon._on_event(gen, DomainChanged("u1", "d1", "reboot"))
-        daemon._on_event(gen, RxFilterChanged("u1", "d1", "behind", 0.0))
-        assert order == ["early"]  # both wait for _serve: one is queued ahead
-        await asyncio.sleep(0.01)
-        daemon._on_event(gen, RxFilterChanged("u1", "d1", "direct", 0.0))
-        assert order[-1] == "direct"  # dispatched within the callback
-        stop.set()
-        await serve
-
-    asyncio.run(scenario())
-    assert order[0] == "early" and order[2:] == ["behind", "direct"]
-    assert "reboot" in order[1]
-
-
-class ScriptedHypervisor:
-    """Stands in for Hypervisor in Daemon.run: connects per a script, then loses it."""
-
-    script: ClassVar[list[str]] = []
-    instances: ClassVar[list[ScriptedHypervisor]] = []
-
-    def __init__(self, uri: str, on_event: Any, **_kw: Any) -> None:
-        self.on_event = on_event
-        ScriptedHypervisor.instances.append(self)
-
-    async def connect(self) -> None:
-        step = ScriptedHypervisor.script.pop(0)
-        if step == "fail":
-            raise HypervisorError("Failed to connect socket: No such file or directory")
-        if step == "lose":
-            asyncio.get_running_loop().call_later(0.01, self.lost)
-
-    def lost(self) -> None:
-        event: HypervisorEvent = ConnectionLost("libvirtd closed the connection")
-        self.on_event(event)
-
-    async def running_domains(self) -> list[RunningDomain]:
-        return []
-
-    async def close(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
-
-    def forget(self, uuid: str) -> None:
-        pass
-
-
-def test_libvirt_away_and_back_are_said_once_each(
-    records: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(daemon_mod, "Hypervisor", ScriptedHypervisor)
-    ScriptedHypervisor.script = ["lose", "fail", "fail", "fail", "fail", "stay"]
-    ScriptedHypervisor.instances = []
-    statuses: list[str] = []
+    def order() -> list[str]:
+        return [
+            e.alias if isinstance(e, RxFilterChanged) else type(e).__name__
+            for e in tracer.dispatched_events
+        ]
 
     async def scenario() -> None:
-        config = Config(libvirt=LibvirtSettings(reconnect_max=0.05))
-        daemon = Daemon(config, FakeNetwork())  # type: ignore[arg-type]
-        daemon.on_status = statuses.append
-        stop = asyncio.Event()
-        task = asyncio.ensure_future(daemon.run(stop))
-        for _ in range(200):
+        listing = libvirt.listing = asyncio.Event()
+        async with Running(libvirt, FakeHostNetwork(host_state()), tracer=tracer):
+            await until(lambda: bool(libvirt.connections), "connected")
+            # Queued while the first survey runs: nothing follows the stream yet.
+            libvirt.emit(RxFilterChanged("u1", "d1", "early", 0.0))
             await asyncio.sleep(0.01)
-            if not ScriptedHypervisor.script:
-                break
-        await asyncio.sleep(0.05)
-        stop.set()
-        await asyncio.wait_for(task, 5)
+            assert order() == []
+            listing.set()
+            await until(lambda: order() == ["early"], "the queued event is dispatched")
+            libvirt.emit(DomainChanged("u1", "d1", "reboot"))
+            libvirt.emit(RxFilterChanged("u1", "d1", "behind", 0.0))
+            assert order() == ["early"]  # both wait their turn: one is queued ahead
+            await until(lambda: len(order()) == 3, "the queue drained")
+            libvirt.emit(RxFilterChanged("u1", "d1", "direct", 0.0))
+            assert order()[-1] == "direct"  # dispatched within the callback
 
     asyncio.run(scenario())
+    assert order() == ["early", "DomainChanged", "behind", "direct"]
+
+
+def test_libvirt_away_and_back_are_said_once_each(records: list[dict[str, Any]]) -> None:
+    libvirt = FakeLibvirt()
+    libvirt.script = ["lose", "fail", "fail", "fail", "fail", "ok"]
+    config = Config(libvirt=LibvirtSettings(reconnect_max=0.05))
+
+    async def scenario() -> list[str]:
+        running = Running(libvirt, FakeHostNetwork(host_state()), config=config)
+        async with running:
+            await until(lambda: not libvirt.script, "every connect tried")
+            await until(lambda: bool(events(records, "libvirt back")), "libvirt back")
+        return running.statuses
+
+    statuses = asyncio.run(scenario())
     names = [r["event"] for r in records]
     assert names.count("libvirt away") == 1
     assert names.count("libvirt back") == 1
@@ -552,21 +485,22 @@ def test_libvirt_away_and_back_are_said_once_each(
     retries = [r["retry_in"] for r in events(records, "libvirt still away")]
     assert retries == sorted(retries) and max(retries) <= 0.05
     assert any("libvirt away" in s for s in statuses)
-    assert len(ScriptedHypervisor.instances) == 6
+    assert len(libvirt.connections) == 6
 
 
 @pytest.mark.parametrize("running", [True, False])
 def test_a_query_failing_as_the_domain_dies_is_no_failure(
-    records: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, running: bool
+    records: list[dict[str, Any]], running: bool
 ) -> None:
-    monkeypatch.setattr(nic_sync, "QUERY_SETTLE", 0.01)
-    hypervisor = FakeHypervisor()
-    hypervisor.error = HypervisorError("Unable to read from monitor: Connection reset by peer")
-    hypervisor.running = running
+    libvirt = libvirt_with_d1()
+    libvirt.error = HypervisorError("Unable to read from monitor: Connection reset by peer")
+    if not running:
+        del libvirt.domains["u1"]
 
     async def scenario() -> str:
-        daemon = make_daemon(FakeNetwork(), hypervisor)
-        return await daemon._sync_once(NicSync(nic_report()), "event")
+        return await one_sync(FakeHostNetwork(host_state()), libvirt).once(
+            NicSync(nic_report()), "event"
+        )
 
     outcome = asyncio.run(scenario())
     failed = events(records, "failed")
@@ -591,14 +525,14 @@ def test_a_nic_whose_current_xml_is_not_trusted_gets_no_write(
 ) -> None:
     # Trust revoked live (libvirt >= 10.0), or the device swapped under the same alias:
     # the guest asks for a new MAC and promiscuous mode, and nothing reaches the host.
-    network = FakeNetwork()
-    hypervisor = FakeHypervisor()
-    hypervisor.reply = reply(**{"main-mac": MAC1, "promiscuous": True})
-    hypervisor.xml = xml
+    network = FakeHostNetwork(host_state())
+    libvirt = libvirt_with_d1()
+    libvirt.reply = reply(**{"main-mac": MAC1, "promiscuous": True})
+    libvirt.domains["u1"] = xml
     nic = NicSync(nic_report())
 
     async def scenario() -> str:
-        return await make_daemon(network, hypervisor)._sync_once(nic, "event")
+        return await one_sync(network, libvirt).once(nic, "event")
 
     assert asyncio.run(scenario()) == "stale"
     assert network.applied == []
@@ -609,12 +543,30 @@ def test_a_nic_whose_current_xml_is_not_trusted_gets_no_write(
 
 
 def test_a_trusted_nic_is_written_after_its_xml_is_read_again() -> None:
-    network = FakeNetwork()
-    hypervisor = FakeHypervisor()
-    hypervisor.reply = reply(**{"main-mac": MAC1})
+    network = FakeHostNetwork(host_state())
+    libvirt = libvirt_with_d1()
+    libvirt.reply = reply(**{"main-mac": MAC1})
 
     async def scenario() -> str:
-        return await make_daemon(network, hypervisor)._sync_once(NicSync(nic_report()), "event")
+        return await one_sync(network, libvirt).once(NicSync(nic_report()), "event")
 
     assert asyncio.run(scenario()) == "ok"
     assert [c.field for c in network.applied] == ["mac"]
+
+
+def test_a_revoked_trust_stops_the_worker_with_no_write(records: list[dict[str, Any]]) -> None:
+    # Through the daemon: the stale outcome re-reads the domain, which stops the NIC.
+    network = FakeHostNetwork(host_state())
+    libvirt = libvirt_with_d1()
+
+    async def scenario() -> None:
+        async with Running(libvirt, network) as daemon:
+            await until(lambda: libvirt.queries == 1, "net0 synced")
+            libvirt.reply = reply(**{"main-mac": MAC1})
+            libvirt.domains["u1"] = domain_xml(trust="no")
+            libvirt.emit(RxFilterChanged("u1", "d1", "net0", 0.0))
+            await until(lambda: daemon.tracking().domains == {"d1": ()}, "net0 not synced")
+
+    asyncio.run(scenario())
+    assert network.applied == []
+    assert [r["reason"] for r in events(records, "skipped")] == ["untrusted"]
