@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from rxfilterd.config import Config
+from rxfilterd.domains import Tracking
 from rxfilterd.hypervisor import Hypervisor
 from rxfilterd.ports import (
     DecisionSink,
@@ -18,7 +19,7 @@ from rxfilterd.ports import (
     StateSink,
     Tracer,
 )
-from rxfilterd.reconciler import Reconciler, Timings, Tracking
+from rxfilterd.reconciler import Reconciler, Timings
 from rxfilterd.sinks import Sinks
 from rxfilterd.stats import Stats
 from rxfilterd.supervisor import ConnectionSupervisor

@@ -129,74 +129,18 @@ def _silence_libvirt_stderr() -> None:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
-class Hypervisor:
-    """One libvirt connection with its event subscriptions."""
+class _Subscriptions:
+    """The connection's event callbacks: libvirt's events, handed to ON_EVENT on the loop."""
 
-    def __init__(
-        self,
-        uri: str,
-        on_event: EventHandler,
-        *,
-        tracer: Tracer | None = None,
-        subscribe: bool = True,
-        workers: int = 16,
-    ) -> None:
-        self._uri = uri
+    def __init__(self, on_event: EventHandler, tracer: Tracer | None) -> None:
         self._on_event = on_event
         self._tracer = tracer
-        self._subscribe = subscribe
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
-        self._conn: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._domain_locks: dict[str, asyncio.Lock] = {}
-        self._domains: dict[str, Any] = {}
-        self._lost = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.lost = False
         self._qemu_callback: int | None = None
         self._domain_callbacks: list[int] = []
-        self._queries: list[_QueryConnection] = []
-        # libvirt's version, packed (major * 1e6 + minor * 1e3 + micro); 0 until connected.
-        self.version = 0
 
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None and not self._lost
-
-    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool, fn, *args)
-        except libvirt.libvirtError as exc:
-            gone = exc.get_error_code() in _GONE_CODES
-            raise HypervisorError(exc.get_error_message() or str(exc), gone=gone) from None
-
-    async def connect(self) -> None:
-        """Open the connection and subscribe to the events rxfilterd needs."""
-        _silence_libvirt_stderr()
-        if self._subscribe:
-            _start_event_thread()
-        self._loop = asyncio.get_running_loop()
-        self._lost = False
-        self._domains.clear()
-        try:
-            await asyncio.wait_for(self._open(), CONNECT_TIMEOUT)
-        except TimeoutError:
-            raise HypervisorError(f"no answer within {CONNECT_TIMEOUT:g} s") from None
-
-    async def _open(self) -> None:
-        conn = await self._call(libvirt.open, self._uri)
-        self._conn = conn
-        # The daemon's version (for a remote or socket URI, not our client library's).
-        self.version = await self._call(conn.getLibVersion)
-        problem = unsupported(self.version)
-        if problem is not None:
-            raise HypervisorError(problem)
-        if self._subscribe:
-            await self._call(self._register, conn)
-            for _ in range(QUERY_CONNECTIONS):
-                extra = await self._call(libvirt.open, self._uri)
-                self._queries.append(_QueryConnection(extra))
-
-    def _register(self, conn: Any) -> None:
+    def register(self, conn: Any) -> None:
         # Keepalive makes a dead libvirtd show up as a close event within ~20 s.
         conn.setKeepAlive(5, 3)
         conn.registerCloseCallback(self._closed, None)
@@ -215,7 +159,7 @@ class Hypervisor:
 
     # Callbacks below run on libvirt's event thread: hand over, never block.
     def _emit(self, event: HypervisorEvent) -> None:
-        loop = self._loop
+        loop = self.loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # loop closing during shutdown
                 loop.call_soon_threadsafe(self._on_event, event)
@@ -253,7 +197,7 @@ class Hypervisor:
         self._emit(DomainChanged(dom.UUIDString(), dom.name(), "device-removed"))
 
     def _closed(self, _conn: Any, reason: int, _o: Any) -> None:
-        self._lost = True
+        self.lost = True
         names = {
             libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
             libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
@@ -261,6 +205,84 @@ class Hypervisor:
             libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by client",
         }
         self._emit(ConnectionLost(names.get(reason, f"reason {reason}")))
+
+    def deregister(self, conn: Any) -> None:
+        # Registered callbacks hold references to the connection: without these the
+        # client side of every dropped connection would live on until exit.
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+        if self._qemu_callback is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                libvirt_qemu.qemuMonitorEventDeregister(conn, self._qemu_callback)
+        for callback_id in self._domain_callbacks:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(callback_id)
+        self._qemu_callback = None
+        self._domain_callbacks = []
+
+
+class Hypervisor:
+    """One libvirt connection with its event subscriptions."""
+
+    def __init__(
+        self,
+        uri: str,
+        on_event: EventHandler,
+        *,
+        tracer: Tracer | None = None,
+        subscribe: bool = True,
+        workers: int = 16,
+    ) -> None:
+        self._uri = uri
+        self._tracer = tracer
+        self._events = _Subscriptions(on_event, tracer)
+        self._subscribe = subscribe
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
+        self._conn: Any = None
+        self._domain_locks: dict[str, asyncio.Lock] = {}
+        self._domains: dict[str, Any] = {}
+        self._queries: list[_QueryConnection] = []
+        # libvirt's version, packed (major * 1e6 + minor * 1e3 + micro); 0 until connected.
+        self.version = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._events.lost
+
+    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn, *args)
+        except libvirt.libvirtError as exc:
+            gone = exc.get_error_code() in _GONE_CODES
+            raise HypervisorError(exc.get_error_message() or str(exc), gone=gone) from None
+
+    async def connect(self) -> None:
+        """Open the connection and subscribe to the events rxfilterd needs."""
+        _silence_libvirt_stderr()
+        if self._subscribe:
+            _start_event_thread()
+        self._events.loop = asyncio.get_running_loop()
+        self._events.lost = False
+        self._domains.clear()
+        try:
+            await asyncio.wait_for(self._open(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise HypervisorError(f"no answer within {CONNECT_TIMEOUT:g} s") from None
+
+    async def _open(self) -> None:
+        conn = await self._call(libvirt.open, self._uri)
+        self._conn = conn
+        # The daemon's version (for a remote or socket URI, not our client library's).
+        self.version = await self._call(conn.getLibVersion)
+        problem = unsupported(self.version)
+        if problem is not None:
+            raise HypervisorError(problem)
+        if self._subscribe:
+            await self._call(self._events.register, conn)
+            for _ in range(QUERY_CONNECTIONS):
+                extra = await self._call(libvirt.open, self._uri)
+                self._queries.append(_QueryConnection(extra))
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -274,18 +296,7 @@ class Hypervisor:
                 await asyncio.wait_for(self._call(query.conn.close), timeout=1)
 
     def _close_quietly(self, conn: Any) -> None:
-        # Registered callbacks hold references to the connection: without these the
-        # client side of every dropped connection would live on until exit.
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.unregisterCloseCallback()
-        if self._qemu_callback is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                libvirt_qemu.qemuMonitorEventDeregister(conn, self._qemu_callback)
-        for callback_id in self._domain_callbacks:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.domainEventDeregisterAny(callback_id)
-        self._qemu_callback = None
-        self._domain_callbacks = []
+        self._events.deregister(conn)
         conn.close()
 
     def shutdown(self) -> None:
@@ -362,21 +373,26 @@ class Hypervisor:
 
     async def query_rx_filter(self, uuid: str, alias: str) -> str:
         """The raw QMP reply to query-rx-filter for ALIAS (re-arms QEMU's event)."""
+        started = time.time() if self._tracer is not None else 0.0
         lock = self._domain_locks.setdefault(uuid, asyncio.Lock())
         command = json.dumps({"execute": "query-rx-filter", "arguments": {"name": alias}})
-        async with lock:
-            if not self._queries:  # a connection without subscriptions (explain)
-                return await self._call(
-                    self._monitor_command, self._conn, self._domains, uuid, alias, command
-                )
-            chosen = min(self._queries, key=lambda q: q.in_flight)
-            chosen.in_flight += 1
-            try:
-                return await self._call(
-                    self._monitor_command, chosen.conn, chosen.domains, uuid, alias, command
-                )
-            finally:
-                chosen.in_flight -= 1
+        try:
+            async with lock:
+                if not self._queries:  # a connection without subscriptions (explain)
+                    return await self._call(
+                        self._monitor_command, self._conn, self._domains, uuid, alias, command
+                    )
+                chosen = min(self._queries, key=lambda q: q.in_flight)
+                chosen.in_flight += 1
+                try:
+                    return await self._call(
+                        self._monitor_command, chosen.conn, chosen.domains, uuid, alias, command
+                    )
+                finally:
+                    chosen.in_flight -= 1
+        finally:
+            if self._tracer is not None:
+                self._tracer.step("query", alias, started, time.time())
 
     def _monitor_command(
         self, conn: Any, domains: dict[str, Any], uuid: str, alias: str, command: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -22,7 +22,7 @@ from rxfilterd.host_state import HostState, MacvtapError
 from rxfilterd.inventory import NicReport, TrustResolver
 from rxfilterd.nic import DomainXmlError, Nic, parse_domain_nics
 from rxfilterd.plan import AddressListChange, Change, Plan, host_after, make_plan
-from rxfilterd.ports import HostNetworkPort, HypervisorPort, Tracer
+from rxfilterd.ports import HostNetworkPort, HypervisorPort
 from rxfilterd.stats import Stats
 from rxfilterd.worker import CoalescingWorker
 
@@ -106,13 +106,11 @@ class NicSyncer:
         decide: Decide,
         *,
         query_settle: float = QUERY_SETTLE,
-        tracer: Tracer | None = None,
     ) -> None:
         self.network = network
         self.stats = stats
         self.decide = decide
         self.query_settle = query_settle
-        self._tracer = tracer
 
     async def sync(
         self,
@@ -164,7 +162,7 @@ class NicSyncer:
         # which is the slow part (a libvirt round trip and the domain's job lock).
         # A guest's event changes no link facts, only what ioctls read: quick read.
         # Every other cause (start, resync, retry) reads everything again.
-        host_read = asyncio.ensure_future(self._read(ifname, quick=cause == "event"))
+        host_read = asyncio.ensure_future(self.network.read(ifname, quick=cause == "event"))
         host_read.add_done_callback(_consume)
         # Trust can change under a running NIC (libvirt >= 10.0 changes it live), and
         # nothing announces it: every sync re-reads it, beside the query, and writes
@@ -228,7 +226,7 @@ class NicSyncer:
             nic.result = f"stopped: {why_not}"
             log.info("not ours any more", **attempt.where, why=why_not, cause=attempt.cause)
             return "stale"
-        plan = self._plan(attempt, guest, host)
+        plan = _plan(attempt, guest, host, self.stats, self.decide)
         return await self._apply(attempt, host, plan)
 
     async def _query(self, attempt: _Attempt) -> GuestFilter | SyncOutcome:
@@ -237,7 +235,7 @@ class NicSyncer:
         self.stats.queries += 1
         attempt.stage = "query"
         try:
-            reply = await self._query_rx_filter(attempt.hypervisor, synced.uuid, synced.alias)
+            reply = await attempt.hypervisor.query_rx_filter(synced.uuid, synced.alias)
         except HypervisorError as exc:
             # A domain being destroyed fails the query with a monitor error before
             # libvirt calls it gone: not a failure of ours (its stop event cleans up).
@@ -252,40 +250,6 @@ class NicSyncer:
             attempt.nic.result = f"rejected: {exc}"
             self.decide("rejected", level="warning", **attempt.where, error=str(exc))
             return "ok"
-
-    def _plan(self, attempt: _Attempt, guest: GuestFilter, host: HostState) -> Plan:
-        """The plan, with its refusals, notes and drift said once each."""
-        nic, synced = attempt.nic, attempt.nic.report.nic
-        policy, _source = attempt.config.policy_for(synced.domain, synced.network, synced.portgroup)
-        plan = make_plan(guest, host, policy, libvirt_syncs=nic.report.verdict.libvirt_syncs)
-        self.stats.syncs += 1
-        for refusal in plan.refusals:
-            if (refusal.field, refusal.value) not in nic.refused:
-                nic.refused.add((refusal.field, refusal.value))
-                self.decide(
-                    "refused",
-                    level="warning",
-                    **attempt.where,
-                    field=refusal.field,
-                    value=refusal.value,
-                    reason=refusal.reason,
-                )
-        for note in plan.notes:
-            if note not in nic.noted:
-                nic.noted.add(note)
-                log.info("note", **attempt.where, note=note)
-        if attempt.cause == "resync" and plan.changes:
-            # Nobody asked for a change, yet the host differs from the guest: drift.
-            fields = [change_fields(c) for c in plan.changes]
-            self.decide(
-                "drift",
-                level="warning",
-                **attempt.where,
-                fields=[f["field"] for f in fields],
-                found={f["field"]: f["old"] for f in fields},
-                expected={f["field"]: f["new"] for f in fields},
-            )
-        return plan
 
     async def _apply(self, attempt: _Attempt, host: HostState, plan: Plan) -> SyncOutcome:
         """Every change of PLAN, one at a time; a refused one does not hold back the rest."""
@@ -304,7 +268,7 @@ class NicSyncer:
                 continue
             attempt.in_flight = change.field
             try:
-                await self._write(host, change)
+                await self.network.apply(host, [change])
             except MacvtapError as exc:
                 attempt.in_flight = None
                 outcome = self._failed(
@@ -365,44 +329,49 @@ class NicSyncer:
         )
         return "retry"
 
-    # The ports' calls on the hot path, timed only when a tracer is set.
-    async def _query_rx_filter(self, hypervisor: HypervisorPort, uuid: str, alias: str) -> str:
-        if self._tracer is None:
-            return await hypervisor.query_rx_filter(uuid, alias)
-        started = time.time()
-        try:
-            return await hypervisor.query_rx_filter(uuid, alias)
-        finally:
-            self._tracer.step("query", alias, started, time.time())
-
-    def _read(self, ifname: str, *, quick: bool) -> Awaitable[HostState | None]:
-        if self._tracer is None:
-            return self.network.read(ifname, quick=quick)
-        return self._traced_read(self._tracer, ifname, quick=quick)
-
-    async def _traced_read(self, tracer: Tracer, ifname: str, *, quick: bool) -> HostState | None:
-        started = time.time()
-        try:
-            return await self.network.read(ifname, quick=quick)
-        finally:
-            tracer.step("read", ifname, started, time.time())
-
-    async def _write(self, host: HostState, change: Change) -> None:
-        if self._tracer is None:
-            await self.network.apply(host, [change])
-            return
-        started = time.time()
-        try:
-            await self.network.apply(host, [change])
-        finally:
-            self._tracer.step("write", change.field, started, time.time())
-
     async def _still_running(self, hypervisor: HypervisorPort, uuid: str) -> bool:
         await asyncio.sleep(self.query_settle)  # let libvirt notice a QEMU that just exited
         try:
             return await hypervisor.domain(uuid) is not None
         except HypervisorError:
             return True  # cannot tell: report the failure
+
+
+def _plan(
+    attempt: _Attempt, guest: GuestFilter, host: HostState, stats: Stats, decide: Decide
+) -> Plan:
+    """The plan, with its refusals, notes and drift said once each."""
+    nic, synced = attempt.nic, attempt.nic.report.nic
+    policy, _source = attempt.config.policy_for(synced.domain, synced.network, synced.portgroup)
+    plan = make_plan(guest, host, policy, libvirt_syncs=nic.report.verdict.libvirt_syncs)
+    stats.syncs += 1
+    for refusal in plan.refusals:
+        if (refusal.field, refusal.value) not in nic.refused:
+            nic.refused.add((refusal.field, refusal.value))
+            decide(
+                "refused",
+                level="warning",
+                **attempt.where,
+                field=refusal.field,
+                value=refusal.value,
+                reason=refusal.reason,
+            )
+    for note in plan.notes:
+        if note not in nic.noted:
+            nic.noted.add(note)
+            log.info("note", **attempt.where, note=note)
+    if attempt.cause == "resync" and plan.changes:
+        # Nobody asked for a change, yet the host differs from the guest: drift.
+        fields = [change_fields(c) for c in plan.changes]
+        decide(
+            "drift",
+            level="warning",
+            **attempt.where,
+            fields=[f["field"] for f in fields],
+            found={f["field"]: f["old"] for f in fields},
+            expected={f["field"]: f["new"] for f in fields},
+        )
+    return plan
 
 
 async def _still_ours(hypervisor: HypervisorPort, trusts: TrustResolver, nic: NicSync) -> str:

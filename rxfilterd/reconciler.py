@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
 from rxfilterd.config import Config
+from rxfilterd.domains import Domains, DomainSync, Tracking
 from rxfilterd.events import (
     ConnectionLost,
     DomainChanged,
@@ -33,7 +33,7 @@ from rxfilterd.ports import HostNetworkPort, HypervisorPort, Tracer
 from rxfilterd.sinks import Sinks
 from rxfilterd.stats import Stats
 from rxfilterd.supervisor import EventStream, wait
-from rxfilterd.worker import CoalescingWorker, WorkerPool
+from rxfilterd.tracing import TracedHostNetwork
 
 log = structlog.get_logger("rxfilterd")
 
@@ -54,29 +54,6 @@ class Timings:
     query_settle: float = 0.25
 
 
-@dataclass(frozen=True)
-class Tracking:
-    """What a reconciler tracks at one moment; `orphans` must always be 0."""
-
-    # Domain name -> the aliases of its synced NICs.
-    domains: Mapping[str, tuple[str, ...]]
-    # Workers made and not yet told to stop, those stopping, and live ones that no
-    # domain or NIC owns.
-    workers: int
-    stopping: int
-    orphans: int
-
-
-@dataclass
-class DomainSync:
-    uuid: str
-    name: str
-    worker: CoalescingWorker | None = None
-    # Every NIC by alias, synced or not, so events for skipped NICs stay quiet.
-    reports: dict[str, NicReport] = field(default_factory=dict)
-    nics: dict[str, NicSync] = field(default_factory=dict)
-
-
 class Reconciler:
     """Domains and NICs of one connection, synced through a host network's macvtaps."""
 
@@ -87,8 +64,8 @@ class Reconciler:
         *,
         stats: Stats | None = None,
         sinks: Sinks | None = None,
-        on_ready: Callable[[], None] | None = None,
-        on_status: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] = lambda: None,
+        on_status: Callable[[], None] = lambda: None,
         timings: Timings | None = None,
         tracer: Tracer | None = None,
     ) -> None:
@@ -100,35 +77,31 @@ class Reconciler:
         self._on_ready = on_ready
         self._on_status = on_status
         self._tracer = tracer
+        if tracer is not None:
+            network = TracedHostNetwork(network, tracer)
         self._syncer = NicSyncer(
-            network, self.stats, self.sinks.decide, query_settle=timings.query_settle, tracer=tracer
+            network, self.stats, self.sinks.decide, query_settle=timings.query_settle
         )
         self._hypervisor: HypervisorPort | None = None
-        self._domains: dict[str, DomainSync] = {}
-        self._workers = WorkerPool()
+        self._domains = Domains(
+            self.sinks,
+            self.stats,
+            domain_job=self._reconcile_domain,
+            nic_job=self._sync_nic,
+            settle=timings.follow_up_settle,
+        )
         self._ready = False
         self._ready_task: asyncio.Task[None] | None = None
-        # (domain, alias) published before a disconnect, not yet seen again.
-        self._unconfirmed: set[tuple[str, str]] = set()
         self._shutting_down = False
-        # Network ports' trust by port UUID: fixed from plug to unplug, so read once.
-        self._ports: dict[str, bool] = {}
 
     def reload(self, config: Config) -> None:
         """New settings take effect from the next sync of each NIC."""
         self.config = config
-        rate = config.sync.max_syncs_per_second
-        for domain in self._domains.values():
-            for nic in domain.nics.values():
-                if nic.worker is not None:
-                    nic.worker.set_rate(rate, max(1, round(rate)))
+        self._domains.set_rate(config.sync.max_syncs_per_second)
 
     def tracking(self) -> Tracking:
-        owned = {d.worker for d in self._domains.values() if d.worker is not None}
-        owned |= {n.worker for d in self._domains.values() for n in d.nics.values() if n.worker}
-        workers, stopping, orphans = self._workers.counts(owned)
-        domains = {d.name: tuple(sorted(d.nics)) for d in self._domains.values()}
-        return Tracking(domains, workers, stopping, orphans)
+        """What is tracked now (for tests and the debug log)."""
+        return self._domains.tracking()
 
     def close(self) -> None:
         """The reconciler will not serve again: no ready notice any more."""
@@ -143,14 +116,15 @@ class Reconciler:
         self._hypervisor = hypervisor
         await self._reconcile_all(cause)
         # NICs known before the connection dropped that are not there any more.
-        current = {(d.name, alias) for d in self._domains.values() for alias in d.reports}
-        for domain, alias in sorted(self._unconfirmed - current):
+        unconfirmed = self._domains.unconfirmed
+        current = {(d.name, a) for d in self._domains.by_uuid.values() for a in d.reports}
+        for domain, alias in sorted(unconfirmed - current):
             self.sinks.nic_gone(domain, alias)
-        self._unconfirmed.clear()
+        unconfirmed.clear()
         if not self._ready and self._ready_task is None:
             # Not awaited here: a stuck domain must not hold up events for the others.
             self._ready_task = asyncio.get_running_loop().create_task(self._announce_ready())
-        self._status()
+        self._on_status()
         watch = asyncio.get_running_loop().create_task(self._watch_trust(hypervisor, stop))
         events.follow(self._dispatch)
         try:
@@ -192,13 +166,10 @@ class Reconciler:
         self._shutting_down = stopping
         why = "stopping" if stopping else "disconnected"
         grace = self.timings.shutdown_grace
-        tasks = [self._drop_domain(uuid, why, grace) for uuid in list(self._domains)]
+        hypervisor = self._hypervisor
+        tasks = [self._domains.drop(u, why, hypervisor, grace) for u in list(self._domains.by_uuid)]
         await asyncio.gather(*(t for t in tasks if t is not None))
         self._hypervisor = None
-
-    def _status(self) -> None:
-        if self._on_status is not None:
-            self._on_status()
 
     async def _watch_trust(self, hypervisor: HypervisorPort, stop: asyncio.Event) -> None:
         """Re-read domains whose untrusted NICs libvirt may trust live (>= 10.0).
@@ -210,7 +181,7 @@ class Reconciler:
             return
         while self.config.libvirt.trust_poll > 0 and not stop.is_set():
             await wait(stop, self.config.libvirt.trust_poll)
-            for domain in [d for d in self._domains.values() if _may_be_granted(d)]:
+            for domain in [d for d in self._domains.by_uuid.values() if _may_be_granted(d)]:
                 try:
                     xml = await hypervisor.domain_xml(domain.uuid)
                     nics = {n.alias: n for n in parse_domain_nics(xml or "<domain/>")}
@@ -222,13 +193,12 @@ class Reconciler:
 
     async def _announce_ready(self) -> None:
         """Ready once every synced NIC had its first sync (or a failure logged)."""
-        waits = [nic.synced_once.wait() for d in self._domains.values() for nic in d.nics.values()]
+        waits = [nic.synced_once.wait() for nic in self._domains.nics()]
         if waits:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), timeout=self.timings.ready_wait)
         self._ready = True
-        if self._on_ready is not None:
-            self._on_ready()
+        self._on_ready()
 
     def _dispatch(self, event: HypervisorEvent) -> None:
         if self._tracer is not None:
@@ -248,15 +218,15 @@ class Reconciler:
             # A NIC we have not seen (hot-plugged, or a domain just started), or an
             # untrusted one speaking up: nobody queries it but libvirt, and libvirt
             # only queries trusted NICs, so its trust may have been granted live.
-            self._domain_worker(event.uuid, event.domain).kick("event")
+            self._domains.worker(event.uuid, event.domain).kick("event")
 
     def _domain_changed(self, event: DomainChanged) -> None:
-        if event.change == "defined" and event.uuid not in self._domains:
+        if event.change == "defined" and self._domains.get(event.uuid) is None:
             return  # a domain that does not run: nothing to sync
         log.info("domain event", domain=event.domain, change=event.change, detail=event.detail)
         if event.change == "stopped":
             # At once, not in a task: a start right behind it must find a clean slate.
-            self._drop_domain(event.uuid, f"stopped ({event.detail})")
+            self._domains.drop(event.uuid, f"stopped ({event.detail})", self._hypervisor)
         elif event.change == "reboot":
             # QEMU restores the MAC and clears the tables on reset without an event.
             domain = self._domains.get(event.uuid)
@@ -265,30 +235,7 @@ class Reconciler:
                     nic.worker.kick("reset")
         else:
             # Started (booted, restored, migrated in), resumed, or a NIC came or went.
-            self._domain_worker(event.uuid, event.domain).kick(event.change)
-
-    def _domain_worker(self, uuid: str, name: str) -> CoalescingWorker:
-        domain = self._domains.get(uuid)
-        if domain is None:
-            domain = self._domains[uuid] = DomainSync(uuid, name)
-        if domain.worker is None:
-            domain.worker = self._workers.start(
-                f"domain {name}", functools.partial(self._reconcile_domain, domain)
-            )
-        return domain.worker
-
-    def _retire(self, workers: list[CoalescingWorker], grace: float = 0.0) -> asyncio.Task[None]:
-        return self._workers.retire(workers, grace, then=self._log_tracking)
-
-    def _log_tracking(self) -> None:
-        now = self.tracking()
-        log.debug(
-            "tracking",
-            domains={name: list(aliases) for name, aliases in now.domains.items()},
-            workers=now.workers,
-            stopping=now.stopping,
-            orphans=now.orphans,
-        )
+            self._domains.worker(event.uuid, event.domain).kick(event.change)
 
     async def _reconcile_all(self, cause: str) -> None:
         """Re-read every running domain and sync every trusted NIC."""
@@ -300,24 +247,22 @@ class Reconciler:
             self.stats.error(f"listing domains: {exc}")
             log.warning("cannot list domains", error=str(exc))
             return
-        trusts = TrustResolver(hypervisor, self._ports)
+        trusts = TrustResolver(hypervisor, self._domains.ports)
         seen = set()
         for found in running:
             seen.add(found.uuid)
-            self._domain_worker(found.uuid, found.name)
-            domain = self._domains[found.uuid]
+            self._domains.worker(found.uuid, found.name)
+            domain = self._domains.by_uuid[found.uuid]
             try:
                 reports = await survey_domain(found, self.network, trusts)
             except (HypervisorError, MacvtapError) as exc:
                 log.warning("cannot read domain", domain=found.name, error=str(exc))
                 continue
             if self._domains.get(found.uuid) is domain:
-                self._update_domain(domain, found.name, reports, cause)
-        for uuid in set(self._domains) - seen:
-            self._drop_domain(uuid, "not running")
-        plugged = {r.nic.portid for d in self._domains.values() for r in d.reports.values()}
-        for portid in set(self._ports) - plugged:
-            del self._ports[portid]
+                self._domains.update(domain, found.name, reports, cause, self.config)
+        for uuid in set(self._domains.by_uuid) - seen:
+            self._domains.drop(uuid, "not running", hypervisor)
+        self._domains.forget_unplugged_ports()
 
     async def _reconcile_domain(self, domain: DomainSync, cause: str) -> None:
         hypervisor = self._hypervisor
@@ -326,9 +271,9 @@ class Reconciler:
         try:
             found = await hypervisor.domain(domain.uuid)
             if found is None:
-                self._drop_domain(domain.uuid, "not running")
+                self._domains.drop(domain.uuid, "not running", hypervisor)
                 return
-            trusts = TrustResolver(hypervisor, self._ports)
+            trusts = TrustResolver(hypervisor, self._domains.ports)
             reports = await survey_domain(found, self.network, trusts)
         except (HypervisorError, MacvtapError) as exc:
             self.stats.error(f"reading domain {domain.uuid}: {exc}")
@@ -336,97 +281,14 @@ class Reconciler:
             return
         # Dropped (stopped) while we were reading it: what we read is already stale.
         if self._domains.get(domain.uuid) is domain:
-            self._update_domain(domain, found.name, reports, cause)
-
-    def _update_domain(
-        self, domain: DomainSync, name: str, reports: list[NicReport], cause: str
-    ) -> None:
-        domain.name = name
-        old_reports, domain.reports = domain.reports, {r.nic.alias: r for r in reports}
-        for alias, report in domain.reports.items():
-            changed = old_reports.get(alias) != report
-            if changed:
-                self.sinks.surveyed(name, report, self.config)
-            self._update_nic(domain, report, cause, changed)
-        for alias in set(old_reports) - set(domain.reports):
-            log.info("nic gone", domain=name, alias=alias)
-            if alias in domain.nics:
-                self._stop_nic(domain, alias)
-            self.sinks.nic_gone(name, alias)
-        self._count_nics()
-        if set(old_reports) != set(domain.reports):
-            self._log_tracking()
-
-    def _update_nic(self, domain: DomainSync, report: NicReport, cause: str, changed: bool) -> None:
-        """Start, restart or stop the worker of one surveyed NIC, and kick it."""
-        alias = report.nic.alias
-        nic = domain.nics.get(alias)
-        if report.verdict.action != "sync":
-            if nic is not None:
-                self._stop_nic(domain, alias)
-            if changed:
-                self.sinks.nic_state(report, None)  # the fleet view lists skipped NICs too
-            return
-        if nic is None or nic.report != report:
-            if nic is not None:
-                self._stop_nic(domain, alias)
-            nic = domain.nics[alias] = NicSync(report)
-            rate = self.config.sync.max_syncs_per_second
-            nic.worker = self._workers.start(
-                f"{domain.name}/{alias}",
-                functools.partial(self._sync_nic, nic),
-                rate=rate,
-                burst=max(1, round(rate)),
-                settle=self.timings.follow_up_settle,
-            )
-        assert nic.worker is not None
-        nic.worker.kick(cause)
-        if changed:
-            self.sinks.nic_state(report, nic)
-
-    def _count_nics(self) -> None:
-        self.stats.nics_synced = sum(len(d.nics) for d in self._domains.values())
-
-    def _stop_nic(self, domain: DomainSync, alias: str) -> None:
-        nic = domain.nics.pop(alias)
-        if nic.worker is not None:
-            self._retire([nic.worker])
-
-    def _drop_domain(self, uuid: str, why: str, grace: float = 0.0) -> asyncio.Task[None] | None:
-        """Forget a domain and everything of it now; its workers stop in a task."""
-        domain = self._domains.pop(uuid, None)
-        if domain is None:
-            return None
-        ours = why in ("disconnected", "stopping")  # our own doing, no news of the domain
-        if domain.nics:
-            level = "debug" if ours else "info"
-            getattr(log, level)(
-                "domain gone", domain=domain.name, why=why, nics=sorted(domain.nics)
-            )
-        if not ours:
-            for alias in domain.reports:
-                self.sinks.nic_gone(domain.name, alias)
-        else:
-            # Losing libvirt says nothing about the NICs: their state stays published
-            # and is refreshed by the reconcile after the reconnect.
-            self._unconfirmed.update((domain.name, alias) for alias in domain.reports)
-        workers = [n.worker for n in domain.nics.values() if n.worker is not None]
-        if domain.worker is not None:
-            workers.append(domain.worker)
-        for report in domain.reports.values():
-            if report.nic.portid:
-                self._ports.pop(report.nic.portid, None)
-        if self._hypervisor is not None:
-            self._hypervisor.forget(uuid)
-        self._count_nics()
-        return self._retire(workers, grace)
+            self._domains.update(domain, found.name, reports, cause, self.config)
 
     async def _sync_nic(self, nic: NicSync, cause: str) -> None:
         """Query, plan, apply. Every failure is logged and retried for this NIC only."""
         hypervisor = self._hypervisor
         if hypervisor is None:
             return
-        trusts = TrustResolver(hypervisor, self._ports, replug=False)
+        trusts = TrustResolver(hypervisor, self._domains.ports, replug=False)
         try:
             outcome = await self._syncer.sync(
                 hypervisor, self.config, nic, cause, lambda: self._shutting_down, trusts
