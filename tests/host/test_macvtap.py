@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 
@@ -32,9 +32,10 @@ def uc_change(state: HostState, new: set[str]) -> AddressListChange:
     return _list("unicast", state.unicast, frozenset(new))
 
 
-def _list(field: str, old: frozenset[str], new: frozenset[str]) -> AddressListChange:
-    assert field in ("multicast", "unicast")
-    return AddressListChange(field, add=new - old, remove=old - new, old=old, new=new)  # type: ignore[arg-type]
+def _list(
+    field: Literal["multicast", "unicast"], old: frozenset[str], new: frozenset[str]
+) -> AddressListChange:
+    return AddressListChange(field, add=new - old, remove=old - new, old=old, new=new)
 
 
 async def read(hn: HostNetwork, ifname: str) -> HostState:
@@ -70,14 +71,15 @@ async def test_mac_change(ns: Netns) -> None:
 @pytest.mark.parametrize(
     ("field", "kernel_flag"), [("promiscuous", "PROMISC"), ("allmulti", "ALLMULTI")]
 )
-async def test_flag_on_off(ns: Netns, field: str, kernel_flag: str) -> None:
-    assert field in ("promiscuous", "allmulti")
+async def test_flag_on_off(
+    ns: Netns, field: Literal["promiscuous", "allmulti"], kernel_flag: str
+) -> None:
     async with HostNetwork(ns.name) as hn:
         state = await read(hn, "mvb0")
-        await hn.apply(state, [FlagChange(field, False, True)])  # type: ignore[arg-type]
+        await hn.apply(state, [FlagChange(field, False, True)])
         assert kernel_flag in ns.flags("mvb0")
         assert getattr(await read(hn, "mvb0"), field) is True
-        await hn.apply(state, [FlagChange(field, True, False)])  # type: ignore[arg-type]
+        await hn.apply(state, [FlagChange(field, True, False)])
         assert kernel_flag not in ns.flags("mvb0")
         assert getattr(await read(hn, "mvb0"), field) is False
         # The other flag was left alone.

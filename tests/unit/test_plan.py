@@ -20,7 +20,7 @@ from rxfilterd.plan import (
     host_after,
     make_plan,
 )
-from rxfilterd.policy import ALL_FIELDS, SyncPolicy
+from rxfilterd.policy import ALL_FIELDS, SyncPolicy, VlanPolicy
 
 GUEST = GuestFilter(
     name="net0",
@@ -131,8 +131,10 @@ def test_filter_mode_falls_back_to_promiscuous_and_says_why(lower_filter: str, s
 
 @pytest.mark.parametrize("vlan", ["promiscuous", "ignore", "filter"])
 @pytest.mark.parametrize("lower_filter", ["none", "hardware", "bridge", "unknown"])
-def test_vid_0_alone_never_forces_promiscuous_nor_a_note(vlan: str, lower_filter: str) -> None:
-    policy = SyncPolicy(vlan=vlan)  # type: ignore[arg-type]
+def test_vid_0_alone_never_forces_promiscuous_nor_a_note(
+    vlan: VlanPolicy, lower_filter: str
+) -> None:
+    policy = SyncPolicy(vlan=vlan)
     h = host(lower_vlan_filter=lower_filter)
     plan = make_plan(guest(vlan_table=frozenset({0})), h, policy, libvirt_syncs=False)
     assert plan.changes == () and plan.notes == ()
@@ -146,8 +148,10 @@ def test_ignore_notes_the_ids_it_leaves_alone_and_promiscuous_does_not() -> None
 
 
 @pytest.mark.parametrize("vlan", ["promiscuous", "ignore", "filter"])
-def test_where_libvirt_syncs_any_vlan_entry_is_promiscuous_whatever_the_policy(vlan: str) -> None:
-    policy = SyncPolicy(vlan=vlan)  # type: ignore[arg-type]
+def test_where_libvirt_syncs_any_vlan_entry_is_promiscuous_whatever_the_policy(
+    vlan: VlanPolicy,
+) -> None:
+    policy = SyncPolicy(vlan=vlan)
     plan = make_plan(guest(vlan_table=frozenset({0})), HOST, policy, libvirt_syncs=True)
     assert plan.changes == (FlagChange("promiscuous", False, True),)
     assert "libvirt" in plan.notes[0]
