@@ -76,26 +76,53 @@ class Plan:
     notes: tuple[str, ...]
 
 
+@dataclass
+class _Draft:
+    """A plan being made, one part of the filter at a time."""
+
+    guest: GuestFilter
+    host: HostState
+    policy: SyncPolicy
+    libvirt_syncs: bool
+    changes: list[Change] = dataclasses.field(default_factory=list)
+    refusals: list[Refusal] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def change_or_refuse(self, part: Field, changes: list[Change], reason: str) -> None:
+        """CHANGES go in if PART is in the policy's fields; else one refusal says them."""
+        if part in self.policy.fields:
+            self.changes.extend(changes)
+        elif changes:
+            self.refusals.append(Refusal(part, _describe(changes), reason))
+
+
 def make_plan(
     guest: GuestFilter, host: HostState, policy: SyncPolicy, *, libvirt_syncs: bool
 ) -> Plan:
-    changes: list[Change] = []
-    refusals: list[Refusal] = []
-    notes: list[str] = []
+    draft = _Draft(guest, host, policy, libvirt_syncs)
+    _plan_mac(draft)
+    _plan_promiscuous(draft)
+    _plan_multicast(draft)
+    _plan_unicast(draft)
+    return Plan(tuple(draft.changes), tuple(draft.refusals), tuple(draft.notes))
+
+
+def _plan_mac(draft: _Draft) -> None:
+    guest, host, policy = draft.guest, draft.host, draft.policy
+    if guest.main_mac == host.mac:
+        return
+    if "mac" not in policy.fields:
+        draft.refusals.append(Refusal("mac", guest.main_mac, "mac is not in sync fields"))
+    elif not policy.mac_allowed(guest.main_mac):
+        draft.refusals.append(Refusal("mac", guest.main_mac, "not in mac_allow"))
+    else:
+        draft.changes.append(MacChange(host.mac, guest.main_mac))
+
+
+def _plan_promiscuous(draft: _Draft) -> None:
+    """The sum of what each allowed part of the guest filter asks for."""
+    guest, host, policy, libvirt_syncs = draft.guest, draft.host, draft.policy, draft.libvirt_syncs
     allowed = policy.fields
-
-    # MAC
-    if guest.main_mac != host.mac:
-        if "mac" not in allowed:
-            refusals.append(Refusal("mac", guest.main_mac, "mac is not in sync fields"))
-        elif not policy.mac_allowed(guest.main_mac):
-            refusals.append(Refusal("mac", guest.main_mac, "not in mac_allow"))
-        else:
-            changes.append(MacChange(host.mac, guest.main_mac))
-
-    # promiscuous: the sum of what each allowed part of the guest filter asks for.
-    passthru = host.mode == "passthru"
-    unicast_wide = guest.unicast == "all" or guest.unicast_overflow
     vlan_promisc, vlan_text = vlan_handling(host, policy, libvirt_syncs=libvirt_syncs)
     # Noted where the outcome is not what `[sync] vlan` alone would suggest.
     if libvirt_syncs:
@@ -106,12 +133,12 @@ def make_plan(
         vlan_wants = vlan_promisc and bool(vids)
         vlan_noted = bool(vids) and policy.vlan != "promiscuous"
     if vlan_noted:
-        notes.append(vlan_text)
+        draft.notes.append(vlan_text)
     reasons: dict[Field, bool] = {
         "promiscuous": guest.promiscuous,
         "vlan": vlan_wants,
         # Only a passthru macvtap can receive other unicast MACs at all.
-        "unicast": passthru and unicast_wide and not libvirt_syncs,
+        "unicast": host.mode == "passthru" and _unicast_wide(guest) and not libvirt_syncs,
     }
     want_all = any(reasons.values())
     want_promisc = any(on for part, on in reasons.items() if part in allowed)
@@ -120,45 +147,52 @@ def make_plan(
         # never narrow what the host set.
         want_promisc = want_promisc or host.promiscuous
     if want_promisc != host.promiscuous:
-        changes.append(FlagChange("promiscuous", host.promiscuous, want_promisc))
+        draft.changes.append(FlagChange("promiscuous", host.promiscuous, want_promisc))
     if want_all != want_promisc:
         part: Field = next(
             (p for p, on in reasons.items() if on and p not in allowed), "promiscuous"
         )
         value = "on" if want_all else "off"
-        refusals.append(Refusal(part, f"promiscuous {value}", f"{part} is not in sync fields"))
+        draft.refusals.append(
+            Refusal(part, f"promiscuous {value}", f"{part} is not in sync fields")
+        )
 
-    # multicast: allmulti and the list.
+
+def _plan_multicast(draft: _Draft) -> None:
+    """allmulti and the list."""
+    guest, host = draft.guest, draft.host
     want_allmulti = guest.multicast == "all" or guest.multicast_overflow
     mc_changes: list[Change] = []
     if want_allmulti != host.allmulti:
         mc_changes.append(FlagChange("allmulti", host.allmulti, want_allmulti))
     # An overflowed list arrives empty: mirroring it would strip every group. libvirt
     # mirrors it anyway (allmulti covers the loss), so where it syncs, we do too.
-    mirror = libvirt_syncs or not guest.multicast_overflow
+    mirror = draft.libvirt_syncs or not guest.multicast_overflow
     if mirror:
         add = guest.multicast_table - host.multicast - host.multicast_host
         remove = host.multicast - guest.multicast_table
         if add or remove:
             new = (host.multicast | add) - remove
             mc_changes.append(AddressListChange("multicast", add, remove, host.multicast, new))
-    if "multicast" in allowed:
-        changes.extend(mc_changes)
-    elif mc_changes:
-        refusals.append(Refusal("multicast", _describe(mc_changes), "multicast not in fields"))
+    draft.change_or_refuse("multicast", mc_changes, "multicast not in fields")
 
-    # unicast table: only passthru macvtaps take extra unicast fdb entries.
-    # libvirt never syncs it, so this holds for every trusted NIC.
-    if (guest.unicast_table or unicast_wide) and not passthru:
-        notes.append(unicast_handling(host, libvirt_syncs=libvirt_syncs))
+
+def _plan_unicast(draft: _Draft) -> None:
+    """Only passthru macvtaps take extra unicast fdb entries.
+
+    libvirt never syncs the table, so this holds for every trusted NIC.
+    """
+    guest, host = draft.guest, draft.host
+    passthru = host.mode == "passthru"
+    if (guest.unicast_table or _unicast_wide(guest)) and not passthru:
+        draft.notes.append(unicast_handling(host, libvirt_syncs=draft.libvirt_syncs))
     if passthru and not guest.unicast_overflow and guest.unicast_table != host.unicast:
         uc = _list_change("unicast", host.unicast, guest.unicast_table)
-        if "unicast" in allowed:
-            changes.append(uc)
-        else:
-            refusals.append(Refusal("unicast", _describe([uc]), "unicast not in fields"))
+        draft.change_or_refuse("unicast", [uc], "unicast not in fields")
 
-    return Plan(tuple(changes), tuple(refusals), tuple(notes))
+
+def _unicast_wide(guest: GuestFilter) -> bool:
+    return guest.unicast == "all" or guest.unicast_overflow
 
 
 def vlan_handling(host: HostState, policy: SyncPolicy, *, libvirt_syncs: bool) -> tuple[bool, str]:

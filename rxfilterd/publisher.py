@@ -501,55 +501,70 @@ async def read_fleet(
                 filters.append(f"{prefix}/+/events")
             await client.subscribe([(f, settings.qos) for f in filters])
             messages = client.messages.__aiter__()
-            snapshot: list[FleetMessage] = []
-            live: list[FleetMessage] = []
-            started = last = time.monotonic()
-            while True:
-                deadline = min(last + quiet, started + total)
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    message = await asyncio.wait_for(_next(messages), timeout=timeout)
-                except TimeoutError:
-                    break
-                parsed = parse_topic(prefix, message.topic.value)
-                if parsed is None:
-                    continue
-                item = FleetMessage(parsed, _payload_bytes(message.payload), message.retain)
-                if message.retain:
-                    snapshot.append(item)
-                    last = time.monotonic()
-                else:
-                    live.append(item)
+            snapshot, live = await _collect(messages, prefix, quiet, total)
             on_snapshot(snapshot)
             if not follow:
                 return
             for item in live:
                 on_live(item)
-            stop_wait = asyncio.create_task(stop.wait())
-            try:
-                while not stop.is_set():
-                    get = asyncio.create_task(_next(messages))
-                    done, _ = await asyncio.wait(
-                        {get, stop_wait}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if get not in done:
-                        get.cancel()
-                        break
-                    message = get.result()
-                    parsed = parse_topic(prefix, message.topic.value)
-                    if parsed is not None:
-                        payload = _payload_bytes(message.payload)
-                        on_live(FleetMessage(parsed, payload, message.retain))
-            finally:
-                stop_wait.cancel()
+            await _follow(messages, prefix, on_live, stop)
     except MqttConnectError as exc:
         raise BrokerRefused(_refusal(settings, exc)) from None
     except aiomqtt.MqttError as exc:
         raise BrokerError(f"broker {settings.host}:{settings.port}: {exc}") from None
     except OSError as exc:
         raise BrokerError(f"broker {settings.host}:{settings.port}: {exc}") from None
+
+
+async def _collect(
+    messages: AsyncIterator[aiomqtt.Message], prefix: str, quiet: float, total: float
+) -> tuple[list[FleetMessage], list[FleetMessage]]:
+    """The retained messages (the snapshot), and live ones that came meanwhile."""
+    snapshot: list[FleetMessage] = []
+    live: list[FleetMessage] = []
+    started = last = time.monotonic()
+    while True:
+        deadline = min(last + quiet, started + total)
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            break
+        try:
+            message = await asyncio.wait_for(_next(messages), timeout=timeout)
+        except TimeoutError:
+            break
+        parsed = parse_topic(prefix, message.topic.value)
+        if parsed is None:
+            continue
+        item = FleetMessage(parsed, _payload_bytes(message.payload), message.retain)
+        if message.retain:
+            snapshot.append(item)
+            last = time.monotonic()
+        else:
+            live.append(item)
+    return snapshot, live
+
+
+async def _follow(
+    messages: AsyncIterator[aiomqtt.Message],
+    prefix: str,
+    on_live: Callable[[FleetMessage], None],
+    stop: asyncio.Event,
+) -> None:
+    """Every further message of ours to ON_LIVE, until STOP."""
+    stop_wait = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            get = asyncio.create_task(_next(messages))
+            done, _ = await asyncio.wait({get, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                break
+            message = get.result()
+            parsed = parse_topic(prefix, message.topic.value)
+            if parsed is not None:
+                on_live(FleetMessage(parsed, _payload_bytes(message.payload), message.retain))
+    finally:
+        stop_wait.cancel()
 
 
 async def _next(messages: AsyncIterator[aiomqtt.Message]) -> aiomqtt.Message:
