@@ -29,6 +29,9 @@ from rxfilterd.host_state import HostState, LowerVlanFilter, MacvtapError
 from rxfilterd.mac import from_bytes, is_multicast, parse_mac, to_bytes
 from rxfilterd.plan import AddressListChange, Change, FlagChange, MacChange
 
+# MacvtapError lives in host_state (the reconciler needs it without pyroute2).
+__all__ = ["HostNetwork", "MacvtapError"]
+
 IFF_PROMISC = 0x100
 IFF_ALLMULTI = 0x200
 NTF_SELF = 0x02
