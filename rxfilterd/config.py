@@ -126,6 +126,10 @@ class Config:
         """The sync policy of one NIC, and its source: "sync" or a [[policy]] name."""
         return select_policy(self.policies, self.sync.policy(), domain, network, portgroup)
 
+    def with_dry_run(self) -> Config:
+        """These settings with dry_run forced on (--dry-run, which outlives a reload)."""
+        return dataclasses.replace(self, sync=dataclasses.replace(self.sync, dry_run=True))
+
 
 _SECTIONS: dict[str, type[Any]] = {
     "libvirt": LibvirtSettings,

@@ -1,16 +1,21 @@
-"""`rxfilterd fleet`: the table of every host's NICs and the live event lines (pure).
+"""`rxfilterd fleet`: the table of every host's NICs and the live event lines.
 
-Payloads come from other hosts' brokers and may be old, partial or not ours: every
-field is optional here, and anything unreadable prints as "?" rather than failing.
+`run` reads them from the broker; everything else here is pure. Payloads come from
+other hosts' brokers and may be old, partial or not ours: every field is optional here,
+and anything unreadable prints as "?" rather than failing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import sys
 import time
 from typing import Any
 
-from rxfilterd.publisher import FleetMessage
+from rxfilterd.config import MqttSettings
+from rxfilterd.publisher import BrokerError, FleetMessage, read_fleet
 
 COLUMNS = [
     "host",
@@ -25,6 +30,35 @@ COLUMNS = [
     "result",
     "last_sync",
 ]
+
+
+def run(settings: MqttSettings, *, follow: bool) -> bool:
+    """Print the table (then, with FOLLOW, live lines until Ctrl-C); False if the broker fails."""
+    try:
+        return asyncio.run(_show(settings, follow))
+    except KeyboardInterrupt:  # Ctrl-C before the handler is in place
+        return True
+
+
+async def _show(settings: MqttSettings, follow: bool) -> bool:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+    live = LiveFormatter()
+
+    def snapshot(messages: list[FleetMessage]) -> None:
+        print(format_table(rows(messages)), flush=True)
+
+    def event(message: FleetMessage) -> None:
+        line = live.line(message)
+        if line is not None:
+            print(line, flush=True)
+
+    try:
+        await read_fleet(settings, follow=follow, on_snapshot=snapshot, on_live=event, stop=stop)
+    except BrokerError as exc:
+        print(f"rxfilterd: fleet: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def decode(payload: bytes) -> dict[str, Any] | None:
