@@ -1,6 +1,9 @@
 """The configuration file (TOML), validated into typed settings.
 
-Every error names the file and the key, so one message tells an operator what to fix.
+Two steps: `validate` checks every key against the dataclasses below and builds them
+already normalised, reading no file; `from_dict` then reads the files the settings name
+(the MQTT password, TLS files). Every error names the file and the key, so one message
+tells an operator what to fix. Why no schema library: docs/service.md.
 """
 
 from __future__ import annotations
@@ -11,13 +14,19 @@ import ssl
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar, get_args, get_origin
 
-from rxfilterd.mac import MacError, parse_mac
-from rxfilterd.policy import ALL_FIELDS, Field, SyncPolicy, VlanPolicy
+from rxfilterd.policy import SyncPolicy
 from rxfilterd.policy_rule import PolicyRule, select_policy
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# A section's or a [[policy]] table's dataclass.
+Settings = TypeVar("Settings", bound="DataclassInstance")
 
 DEFAULT_PATH = Path("/etc/rxfilterd/rxfilterd.toml")
 
@@ -27,6 +36,10 @@ LogFormat = Literal["auto", "console", "json", "journal"]
 
 class ConfigError(Exception):
     """A config file that cannot be used; str() is the one-line message to print."""
+
+
+# Field metadata of a setting that is no key of the file (the validator rejects it).
+NOT_A_KEY: Mapping[str, bool] = {"key": False}
 
 
 @dataclass(frozen=True)
@@ -48,24 +61,16 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
-class SyncSettings:
+class SyncSettings(SyncPolicy):
+    """[sync]: the default sync policy (fields, vlan, mac_allow) and the daemon's pace."""
+
     dry_run: bool = False
-    fields: list[Field] = field(default_factory=lambda: sorted(ALL_FIELDS))
-    vlan: VlanPolicy = "promiscuous"
-    mac_allow: list[str] | None = None
     # Seconds between full resyncs that repair drift; 0 turns it off.
     resync_interval: float = 300.0
     # Per NIC: a guest flipping its filter costs at most this many syncs a second.
     max_syncs_per_second: float = 5.0
     # Cap for the per-NIC retry backoff after a failed apply, in seconds.
     retry_max: float = 30.0
-
-    def policy(self) -> SyncPolicy:
-        return SyncPolicy(
-            fields=frozenset(self.fields),
-            vlan=self.vlan,
-            mac_allow=tuple(self.mac_allow) if self.mac_allow is not None else None,
-        )
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,8 @@ class MqttSettings:
     queue_size: int = 1000
     # Cap for the reconnect backoff, in seconds.
     reconnect_max: float = 30.0
-    # Read from password_file at load time (not a config key: init=False keeps it out).
-    password: str | None = field(default=None, init=False, repr=False, compare=False)
+    # Not a config key: read from password_file once the settings are valid.
+    password: str | None = field(default=None, repr=False, compare=False, metadata=NOT_A_KEY)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context when any tls_* key is set; OSError/SSLError on bad files."""
@@ -96,19 +101,6 @@ class MqttSettings:
         if self.tls_cert is not None:
             context.load_cert_chain(self.tls_cert, self.tls_key)
         return context
-
-
-@dataclass(frozen=True)
-class PolicyTable:
-    """One [[policy]] table as written; becomes a PolicyRule."""
-
-    name: str | None = None
-    domain: str | None = None
-    network: str | None = None
-    portgroup: str | None = None
-    fields: list[Field] | None = None
-    mac_allow: list[str] | None = None
-    vlan: VlanPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -124,19 +116,11 @@ class Config:
         self, domain: str, network: str | None, portgroup: str | None
     ) -> tuple[SyncPolicy, str]:
         """The sync policy of one NIC, and its source: "sync" or a [[policy]] name."""
-        return select_policy(self.policies, self.sync.policy(), domain, network, portgroup)
+        return select_policy(self.policies, self.sync, domain, network, portgroup)
 
     def with_dry_run(self) -> Config:
         """These settings with dry_run forced on (--dry-run, which outlives a reload)."""
         return dataclasses.replace(self, sync=dataclasses.replace(self.sync, dry_run=True))
-
-
-_SECTIONS: dict[str, type[Any]] = {
-    "libvirt": LibvirtSettings,
-    "log": LogSettings,
-    "sync": SyncSettings,
-    "mqtt": MqttSettings,
-}
 
 
 def load(path: Path) -> Config:
@@ -151,86 +135,118 @@ def load(path: Path) -> Config:
     return from_dict(data, path)
 
 
-def from_dict(data: dict[str, Any], path: Path | None = None) -> Config:
+def from_dict(data: Mapping[str, object], path: Path | None = None) -> Config:
+    """Validate DATA, then read the files its settings name (MQTT password, TLS files)."""
     where = str(path) if path else "<config>"
-    sections: dict[str, Any] = {}
-    policies: tuple[PolicyRule, ...] = ()
-    for name, value in data.items():
-        if name == "policy":
-            policies = _policies(value, where)
-            continue
-        if name not in _SECTIONS:
+    config = validate(data, path)
+    mqtt = config.mqtt
+    if mqtt.password_file is not None:
+        mqtt = dataclasses.replace(mqtt, password=_read_password(mqtt.password_file, where))
+    _check_tls_files(mqtt, where)
+    return dataclasses.replace(config, mqtt=mqtt)
+
+
+def validate(data: Mapping[str, object], path: Path | None = None) -> Config:
+    """The settings DATA holds, checked and normalised; reads no file."""
+    where = str(path) if path else "<config>"
+    for name in data:
+        if name not in ("libvirt", "log", "sync", "mqtt", "policy"):
             raise ConfigError(f"{where}: unknown section [{name}]")
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: [{name}] must be a table")
-        sections[name] = _build(_SECTIONS[name], value, f"{where}: {name}")
-    config = Config(path=path, policies=policies, **sections)
+    config = Config(
+        path=path,
+        libvirt=_section(LibvirtSettings, data, "libvirt", where),
+        log=_section(LogSettings, data, "log", where),
+        sync=_section(SyncSettings, data, "sync", where),
+        mqtt=_section(MqttSettings, data, "mqtt", where),
+        policies=_policies(data.get("policy", []), where),
+    )
     _check(config, where)
     return config
 
 
-def _policies(value: Any, where: str) -> tuple[PolicyRule, ...]:
+def _section(cls: type[Settings], data: Mapping[str, object], name: str, where: str) -> Settings:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    return _build(cls, value, f"{where}: {name}")
+
+
+def _policies(value: object, where: str) -> tuple[PolicyRule, ...]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise ConfigError(f"{where}: policy must be an array of tables ([[policy]])")
-    rules = []
-    names = set()
+    rules: list[PolicyRule] = []
     for index, table in enumerate(value):
         at = f"{where}: policy[{index}]"
-        raw: PolicyTable = _build(PolicyTable, table, at)
-        name = raw.name or f"policy[{index}]"
-        if name in names:
-            raise ConfigError(f"{at}.name: {name!r} is used twice")
-        names.add(name)
-        if raw.fields is None and raw.mac_allow is None and raw.vlan is None:
+        rule = _build(PolicyRule, {"name": f"policy[{index}]", **table}, at)
+        if any(r.name == rule.name for r in rules):
+            raise ConfigError(f"{at}.name: {rule.name!r} is used twice")
+        if rule.fields is None and rule.mac_allow is None and rule.vlan is None:
             raise ConfigError(f"{at}: sets none of fields, mac_allow, vlan")
-        if raw.fields is not None and len(set(raw.fields)) != len(raw.fields):
-            raise ConfigError(f"{at}.fields: lists a field twice")
-        mac_allow = None
-        if raw.mac_allow is not None:
-            mac_allow = tuple(
-                _mac_or_prefix(e, f"{at}.mac_allow[{i}]") for i, e in enumerate(raw.mac_allow)
-            )
-        rules.append(
-            PolicyRule(
-                name=name,
-                domain=raw.domain,
-                network=raw.network,
-                portgroup=raw.portgroup,
-                fields=frozenset(raw.fields) if raw.fields is not None else None,
-                mac_allow=mac_allow,
-                vlan=raw.vlan,
-            )
-        )
+        rules.append(rule)
     return tuple(rules)
 
 
-def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
+def _build(cls: type[Settings], values: Mapping[str, object], where: str) -> Settings:
+    """CLS from a TOML table: every key known, every value converted to its field's type."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    keys = {f.name for f in dataclasses.fields(cls) if f.metadata.get("key", True)}
     kwargs = {}
     for key, value in values.items():
-        if key not in known:
+        if key not in keys:
             raise ConfigError(f"{where}.{key}: unknown key")
         kwargs[key] = _convert(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
 
-def _convert(value: Any, hint: Any, where: str) -> Any:
+def _convert(value: object, hint: object, where: str) -> object:
+    """VALUE as the type HINT says, or ConfigError naming WHERE."""
     origin = get_origin(hint)
+    args = get_args(hint)
     if origin in (types.UnionType, typing.Union):
-        options = [a for a in get_args(hint) if a is not type(None)]
-        return _convert(value, options[0], where)
+        # TOML has no null: an optional key is absent, never None.
+        assert len(args) == 2 and type(None) in args, f"unsupported config type {hint!r}"
+        (option,) = (a for a in args if a is not type(None))
+        return _convert(value, option, where)
+    if origin is Annotated:
+        # Annotated[base, normalise]: normalise raises ValueError with the reason.
+        base, *normalisers = args
+        converted = _convert(value, base, where)
+        for normalise in normalisers:
+            try:
+                converted = normalise(converted)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        return converted
     if origin is Literal:
-        allowed = get_args(hint)
-        if value not in allowed:
-            choices = ", ".join(repr(a) for a in allowed)
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{where}: {value!r} is not one of {choices}")
         return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {_kind(value)}")
-        (item_hint,) = get_args(hint)
-        return [_convert(item, item_hint, f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin in (tuple, frozenset):
+        return _collection(value, origin, args, where)
+    return _scalar(value, hint, where)
+
+
+def _collection(
+    value: object,
+    origin: type[tuple[object, ...]] | type[frozenset[object]],
+    args: tuple[object, ...],
+    where: str,
+) -> object:
+    """tuple[X, ...] or frozenset[X] from a TOML array; a set lists nothing twice."""
+    assert args[1:] in ((), (Ellipsis,)), f"unsupported config type {origin!r}{args!r}"
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {_kind(value)}")
+    items = [_convert(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is tuple:
+        return tuple(items)
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise ConfigError(f"{where}: lists {item!r} twice")
+    return frozenset(items)
+
+
+def _scalar(value: object, hint: object, where: str) -> object:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {_kind(value)}")
@@ -249,7 +265,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     raise AssertionError(f"unsupported config type {hint!r}")  # a bug in this module
 
 
-def _kind(value: Any) -> str:
+def _kind(value: object) -> str:
     return {
         bool: "a boolean",
         int: "an integer",
@@ -262,15 +278,7 @@ def _kind(value: Any) -> str:
 
 def _check(config: Config, where: str) -> None:
     """Constraints between or within values that types cannot say."""
-    sync = config.sync
-    if sync.mac_allow is not None:
-        normalised = []
-        for i, entry in enumerate(sync.mac_allow):
-            normalised.append(_mac_or_prefix(entry, f"{where}: sync.mac_allow[{i}]"))
-        object.__setattr__(sync, "mac_allow", normalised)
-    if len(set(sync.fields)) != len(sync.fields):
-        raise ConfigError(f"{where}: sync.fields: lists a field twice")
-    if sync.max_syncs_per_second <= 0:
+    if config.sync.max_syncs_per_second <= 0:
         raise ConfigError(f"{where}: sync.max_syncs_per_second: must be above 0")
     mqtt = config.mqtt
     if not 0 < mqtt.port < 65536:
@@ -279,10 +287,6 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: mqtt.qos: must be 0, 1 or 2")
     if mqtt.queue_size < 1:
         raise ConfigError(f"{where}: mqtt.queue_size: must be at least 1")
-    _check_mqtt(mqtt, where)
-
-
-def _check_mqtt(mqtt: MqttSettings, where: str) -> None:
     prefix = mqtt.topic_prefix
     # Empty levels ("a//b", a trailing "/") and "$" topics (reserved for brokers) are
     # legal MQTT but break the <prefix>/+/... subscriptions the fleet view relies on.
@@ -297,39 +301,32 @@ def _check_mqtt(mqtt: MqttSettings, where: str) -> None:
         raise ConfigError(f"{where}: mqtt.client_id: must be non-empty, without /, # or +")
     if (mqtt.tls_cert is None) != (mqtt.tls_key is None):
         raise ConfigError(f"{where}: mqtt.tls_cert and mqtt.tls_key go together")
-    if mqtt.password_file is not None:
-        if mqtt.username is None:
-            raise ConfigError(f"{where}: mqtt.password_file: needs mqtt.username")
-        try:
-            text = Path(mqtt.password_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ConfigError(
-                f"{where}: mqtt.password_file: cannot read {mqtt.password_file}: {reason}"
-            ) from None
-        # One line; the newline an editor or `echo` adds is not part of the password.
-        password = text.rstrip("\r\n")
-        if not password:
-            raise ConfigError(f"{where}: mqtt.password_file: {mqtt.password_file} is empty")
-        object.__setattr__(mqtt, "password", password)
-    for key in ("tls_ca", "tls_cert", "tls_key"):
-        value = getattr(mqtt, key)
+    if mqtt.password_file is not None and mqtt.username is None:
+        raise ConfigError(f"{where}: mqtt.password_file: needs mqtt.username")
+
+
+def _read_password(path: str, where: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"{where}: mqtt.password_file: cannot read {path}: {reason}") from None
+    # One line; the newline an editor or `echo` adds is not part of the password.
+    password = text.rstrip("\r\n")
+    if not password:
+        raise ConfigError(f"{where}: mqtt.password_file: {path} is empty")
+    return password
+
+
+def _check_tls_files(mqtt: MqttSettings, where: str) -> None:
+    for key, value in (
+        ("tls_ca", mqtt.tls_ca),
+        ("tls_cert", mqtt.tls_cert),
+        ("tls_key", mqtt.tls_key),
+    ):
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{where}: mqtt.{key}: {value} is not a readable file")
     try:
         mqtt.ssl_context()
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"{where}: mqtt.tls_*: cannot set up TLS: {exc}") from None
-
-
-def _mac_or_prefix(entry: str, where: str) -> str:
-    """A full MAC or an OUI prefix of one to five octets ("52:54:00")."""
-    octets = entry.split(":")
-    padded = ":".join(octets + ["00"] * (6 - len(octets)))
-    try:
-        if not 1 <= len(octets) <= 6:
-            raise MacError(entry)
-        parse_mac(padded)
-    except MacError:
-        raise ConfigError(f"{where}: {entry!r} is not a MAC address or prefix") from None
-    return entry.lower()

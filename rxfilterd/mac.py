@@ -18,6 +18,15 @@ def parse_mac(value: object) -> str:
     return value.lower()
 
 
+def parse_mac_prefix(value: str) -> str:
+    """A full MAC or an OUI prefix of one to five octets ("52:54:00"), lower-cased."""
+    octets = value.split(":")
+    padded = ":".join(octets + ["00"] * (6 - len(octets)))
+    if not _MAC_RE.match(padded):
+        raise MacError(f"{value!r} is not a MAC address or prefix")
+    return value.lower()
+
+
 def is_multicast(mac: str) -> bool:
     """The group bit (least significant bit of the first octet)."""
     return int(mac[:2], 16) & 1 == 1

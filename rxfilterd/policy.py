@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from rxfilterd.mac import parse_mac_prefix
 
 # The parts of a guest filter a policy can allow, by their names in the docs and config.
 Field = Literal["mac", "promiscuous", "multicast", "unicast", "vlan"]
@@ -17,15 +19,18 @@ ALL_FIELDS: frozenset[Field] = frozenset({"mac", "promiscuous", "multicast", "un
 # one that filters VLANs falls back to promiscuous, with a note (docs/filters.md says
 # why no kernel interface registers ids for a macvtap).
 VlanPolicy = Literal["promiscuous", "ignore", "filter"]
-VLAN_POLICIES: frozenset[str] = frozenset({"promiscuous", "ignore", "filter"})
+
+# A MAC ("52:54:00:12:34:56") or an OUI prefix ("52:54:00"), lower-cased: the config
+# validator runs the function on every such value before the settings are built.
+MacPrefix = Annotated[str, parse_mac_prefix]
 
 
 @dataclass(frozen=True)
 class SyncPolicy:
     fields: frozenset[Field] = ALL_FIELDS
     vlan: VlanPolicy = "promiscuous"
-    # MACs ("52:54:00:12:34:56") or OUI prefixes ("52:54:00"); None allows any.
-    mac_allow: tuple[str, ...] | None = field(default=None)
+    # None allows any MAC.
+    mac_allow: tuple[MacPrefix, ...] | None = None
 
     def mac_allowed(self, mac: str) -> bool:
         if self.mac_allow is None:

@@ -7,21 +7,24 @@ wins; keys it leaves out come from `[sync]`. No rule matching means `[sync]`.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
-from rxfilterd.policy import Field, SyncPolicy, VlanPolicy
+from rxfilterd.policy import Field, MacPrefix, SyncPolicy, VlanPolicy
 
 
 @dataclass(frozen=True)
 class PolicyRule:
+    """One [[policy]] table, as the config validator builds it (name defaults to policy[N])."""
+
     name: str
+    # Criteria.
     domain: str | None = None
     network: str | None = None
     portgroup: str | None = None
+    # Settings; None takes [sync]'s.
     fields: frozenset[Field] | None = None
-    mac_allow: tuple[str, ...] | None = None
+    mac_allow: tuple[MacPrefix, ...] | None = None
     vlan: VlanPolicy | None = None
 
     def matches(self, domain: str, network: str | None, portgroup: str | None) -> bool:
@@ -32,14 +35,11 @@ class PolicyRule:
         return self.portgroup is None or self.portgroup == portgroup
 
     def apply_to(self, base: SyncPolicy) -> SyncPolicy:
-        changes: dict[str, object] = {}
-        if self.fields is not None:
-            changes["fields"] = self.fields
-        if self.mac_allow is not None:
-            changes["mac_allow"] = self.mac_allow
-        if self.vlan is not None:
-            changes["vlan"] = self.vlan
-        return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+        return SyncPolicy(
+            fields=base.fields if self.fields is None else self.fields,
+            vlan=base.vlan if self.vlan is None else self.vlan,
+            mac_allow=base.mac_allow if self.mac_allow is None else self.mac_allow,
+        )
 
 
 def select_policy(

@@ -50,8 +50,8 @@ resync_interval = 0
     )
     assert loaded.libvirt.uri == "qemu+ssh://hv/system"
     assert loaded.log.level == "debug"
-    assert loaded.sync.policy().fields == {"multicast"}
-    assert loaded.sync.mac_allow == ["52:54:00", "02:aa:bb:cc:dd:ee"]
+    assert loaded.sync.fields == {"multicast"}
+    assert loaded.sync.mac_allow == ("52:54:00", "02:aa:bb:cc:dd:ee")
     assert loaded.sync.resync_interval == 0.0
 
 
@@ -112,3 +112,75 @@ def test_run_with_a_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"rxfilterd: {bad}: libvirt.uri: expected a string, got a boolean"
+
+
+def test_validation_reads_no_file_and_loading_reads_the_password_after_it(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    data = {"mqtt": {"username": "rx", "password_file": str(secret)}}
+    validated = config.validate(data)
+    assert validated.mqtt.password is None
+    loaded = config.from_dict(data)
+    assert loaded.mqtt.password == "s3cret"
+    assert validated.mqtt.password is None  # built anew, never changed in place
+    secret.unlink()
+    assert config.validate(data).mqtt.password_file == str(secret)
+
+
+def test_a_bad_key_is_reported_before_the_password_file_is_read(tmp_path: Path) -> None:
+    path = write(tmp_path, '[mqtt]\nusername = "rx"\npassword_file = "/nonexistent/pw"\nqos = 3\n')
+    with pytest.raises(ConfigError, match=r"mqtt\.qos"):
+        config.load(path)
+
+
+def test_an_empty_password_file_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("\n")
+    path = write(tmp_path, f'[mqtt]\nusername = "rx"\npassword_file = "{tmp_path / "pw"}"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value) == f"{path}: mqtt.password_file: {tmp_path / 'pw'} is empty"
+
+
+def test_values_are_normalised_into_the_types_the_daemon_uses(tmp_path: Path) -> None:
+    loaded = config.load(
+        write(
+            tmp_path,
+            """
+[sync]
+fields = ["mac", "multicast"]
+mac_allow = ["52:54:00", "02:AA:BB:CC:DD:EE"]
+[[policy]]
+domain = "web*"
+mac_allow = ["02:AA"]
+fields = ["mac"]
+""",
+        )
+    )
+    assert loaded.sync.fields == frozenset({"mac", "multicast"})
+    assert loaded.sync.mac_allow == ("52:54:00", "02:aa:bb:cc:dd:ee")
+    (rule,) = loaded.policies
+    assert (rule.name, rule.mac_allow, rule.fields) == ("policy[0]", ("02:aa",), frozenset({"mac"}))
+    policy, source = loaded.policy_for("web1", None, None)
+    assert source == "policy[0]" and policy.mac_allowed("02:aa:00:00:00:01")
+    assert not policy.mac_allowed("52:54:00:00:00:01")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[policy]]\nname = 3\nvlan = 'ignore'\n", "policy[0].name: expected a string"),
+        ("[[policy]]\nfields = ['mac', 'mac']\n", "policy[0].fields: lists 'mac' twice"),
+        ("[sync]\nmac_allow = '52:54:00'\n", "sync.mac_allow: expected a list, got a string"),
+        ("[sync]\nmac_allow = [52]\n", "sync.mac_allow[0]: expected a string, got an integer"),
+        ("[sync]\nmac_allow = ['52:54:00:00:00:00:01']\n", "sync.mac_allow[0]: '52:54:00:00"),
+        ("[mqtt]\nusername = 7\n", "mqtt.username: expected a string, got an integer"),
+        ("[mqtt]\nqueue_size = 0\n", "mqtt.queue_size: must be at least 1"),
+        ("[mqtt]\ntls_cert = '/etc/hostname'\n", "mqtt.tls_cert and mqtt.tls_key go together"),
+    ],
+)
+def test_more_bad_values_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)

@@ -49,7 +49,7 @@ def test_first_matching_rule_wins_and_inherits_sync(tmp_path: Path) -> None:
     assert cfg.policy_for("web1", "lan", "other")[1] == "sync"  # every criterion must match
     policy, source = cfg.policy_for("web1", "lab", None)
     assert source == "lab" and policy.vlan == "ignore" and policy.fields == ALL_FIELDS
-    assert cfg.policy_for("web1", None, None) == (cfg.sync.policy(), "sync")
+    assert cfg.policy_for("web1", None, None) == (cfg.sync, "sync")
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_first_matching_rule_wins_and_inherits_sync(tmp_path: Path) -> None:
             "policy[1].name: 'a' is used twice",
         ),
         ("[sync]\nmac_allow = ['52:54:00:zz']\n", "sync.mac_allow[0]"),
-        ("[sync]\nfields = ['mac', 'mac']\n", "sync.fields: lists a field twice"),
+        ("[sync]\nfields = ['mac', 'mac']\n", "sync.fields: lists 'mac' twice"),
     ],
 )
 def test_bad_rules_name_the_key(tmp_path: Path, text: str, message: str) -> None:
