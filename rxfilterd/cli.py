@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import rxfilterd
 from rxfilterd import config as config_mod
 from rxfilterd.config import Config, ConfigError
 
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="decide and log everything, change nothing"
     )
+    # Not argparse's "version" action: it wants the string up front, and reading it costs
+    # half of --help's start-up (rxfilterd.__version__ says why).
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", parents=[common], help="run the daemon (the default)")
     run.add_argument(
@@ -75,6 +79,9 @@ def load_config(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None, *, tracer: Tracer | None = None) -> int:
     """The command line; TRACER (benchmarks) sees the running daemon's hot path."""
     args = _parser().parse_args(argv)
+    if args.version:
+        print(f"rxfilterd {rxfilterd.__version__}")
+        return EXIT_OK
     try:
         config = load_config(args)
     except ConfigError as exc:

@@ -245,10 +245,6 @@ class Hypervisor:
         # libvirt's version, packed (major * 1e6 + minor * 1e3 + micro); 0 until connected.
         self.version = 0
 
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None and not self._events.lost
-
     async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
         loop = asyncio.get_running_loop()
         try:

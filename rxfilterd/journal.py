@@ -184,11 +184,6 @@ class JournalSender:
             self._sock = sock
         return self._sock
 
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
     def send_fields(self, fields: Iterable[tuple[str, str | bytes]]) -> bool:
         """Send pre-validated ``(NAME, value)`` pairs as one entry."""
         payload = serialize(fields)
@@ -218,28 +213,6 @@ class JournalSender:
             # The in-flight message holds its own reference to the file.
             os.close(fd)
         return True
-
-    def send(
-        self,
-        message: str,
-        *,
-        priority: int = _DEFAULT_PRIORITY,
-        fields: Mapping[str, object] | None = None,
-    ) -> bool:
-        """Send MESSAGE, PRIORITY, SYSLOG_IDENTIFIER plus ``fields``.
-
-        Field keys are passed through ``field_name``; non-str values are JSON-encoded.
-        """
-        pairs: list[tuple[str, str | bytes]] = [
-            ("MESSAGE", message),
-            ("PRIORITY", str(priority)),
-            ("SYSLOG_IDENTIFIER", self.identifier),
-        ]
-        for key, value in (fields or {}).items():
-            name = field_name(key)
-            if name is not None:
-                pairs.append((name, _encode_value(value)))
-        return self.send_fields(pairs)
 
 
 def _exception_text(event_dict: Mapping[str, Any]) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Mapping
 
 __all__ = ["Notifier", "watchdog_interval"]
@@ -55,11 +54,6 @@ class Notifier:
         """True when there is a notification socket to talk to."""
         return self._address is not None
 
-    @property
-    def address(self) -> str | None:
-        """Socket address in ``socket`` module form (abstract names start with NUL)."""
-        return self._address
-
     def send(self, **fields: FieldValue) -> bool:
         """Send one datagram with the given assignments, in argument order.
 
@@ -96,13 +90,6 @@ class Notifier:
         if status is None:
             return self.send(STOPPING=1)
         return self.send(STOPPING=1, STATUS=status)
-
-    def reloading(self) -> bool:
-        """RELOADING=1 with MONOTONIC_USEC, as Type=notify-reload (systemd >= 253) wants.
-
-        Follow it with ``ready()`` once the new configuration is in force.
-        """
-        return self.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
 
 
 def watchdog_interval(

@@ -26,7 +26,7 @@ import aiomqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt 2.x
 
-from rxfilterd import __version__
+import rxfilterd
 from rxfilterd.config import MqttSettings
 
 log = structlog.get_logger("rxfilterd")
@@ -208,6 +208,8 @@ class Publisher:
         self.events = EventQueue(settings.queue_size)
         self.connected = False
         self.published = 0
+        # Read here, at start-up, not on the event loop once the daemon syncs NICs.
+        self._version = rxfilterd.__version__
         # Latest state per NIC; None = gone, kept until its clear has been published.
         self._latest: dict[NicKey, dict[str, Any] | None] = {}
         self._dirty: set[NicKey] = set()
@@ -255,9 +257,6 @@ class Publisher:
     def freeze(self) -> None:
         """Shutdown: keep the last retained state (the NICs still exist; status says offline)."""
         self._frozen = True
-
-    def state(self, domain: str, alias: str) -> dict[str, Any] | None:
-        return self._latest.get((domain, alias))
 
     # -- the publishing task
 
@@ -426,7 +425,7 @@ class Publisher:
             "status": status,
             "time": time.time(),
             "dropped": dropped,
-            "version": __version__,
+            "version": self._version,
             "schema": SCHEMA,
         }
         if status == "offline":

@@ -14,7 +14,6 @@ class Stats:
     queries: int = 0
     writes: int = 0
     last_error: str = ""
-    last_error_time: float = 0.0
     # Wall-clock time libvirt went away; None while connected (or never lost).
     away_since: float | None = None
 
@@ -32,4 +31,3 @@ class Stats:
 
     def error(self, message: str) -> None:
         self.last_error = message
-        self.last_error_time = time.time()

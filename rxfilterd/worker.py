@@ -137,15 +137,6 @@ class CoalescingWorker:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
-    @property
-    def busy(self) -> bool:
-        """A run is in flight."""
-        return self._running
-
-    @property
-    def stopped(self) -> bool:
-        return self._task.done()
-
 
 class WorkerPool:
     """Every worker made and not yet told to stop, and those stopping.

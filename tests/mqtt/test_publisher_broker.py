@@ -158,6 +158,33 @@ def test_events_and_retained_state_reach_the_broker(shared_broker: int, topic_pr
     asyncio.run(main())
 
 
+def test_a_frozen_publisher_leaves_the_last_state_retained(
+    shared_broker: int, topic_prefix: str
+) -> None:
+    base = f"{topic_prefix}/{HOST}"
+
+    async def main() -> None:
+        publisher = Publisher(settings(shared_broker, topic_prefix))
+        async with running(publisher):
+            publisher.nic_state("web1", "net0", nic_state(MAC0))
+            publisher.nic_state("web1", "net0", nic_state(MAC1))
+            await eventually(
+                lambda: _holds(shared_broker, f"{base}/nic/web1/net0", MAC1), 5, "state published"
+            )
+            publisher.freeze()  # shutdown: the daemon then drops every NIC
+            publisher.nic_state("web1", "net0", None)
+        kept = await retained(shared_broker, f"{base}/#")
+        assert kept[f"{base}/status"].json()["status"] == "offline"
+        assert kept[f"{base}/nic/web1/net0"].json()["host"]["mac"] == MAC1
+
+    asyncio.run(main())
+
+
+async def _holds(port: int, topic: str, mac: str) -> bool:
+    kept = await retained(port, topic, quiet=0.3)
+    return topic in kept and kept[topic].json()["host"]["mac"] == mac
+
+
 async def _lacks(port: int, topic: str) -> bool:
     return topic not in await retained(port, topic, quiet=0.3)
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,7 +92,9 @@ def test_a_failed_publish_goes_back_in_front_unless_newer_filled_the_queue() -> 
     assert q.dropped == 1 and [q.get(), q.get()] == [{"n": 2}, {"n": 3}]
 
 
-def test_sinks_never_wait_and_state_is_coalesced_per_nic() -> None:
+def test_sinks_never_wait_and_events_past_the_queue_are_dropped() -> None:
+    # What reaches the broker (the last state per NIC, the frozen state at shutdown) is
+    # tested against mosquitto in tests/mqtt/test_publisher_broker.py.
     publisher = Publisher(MqttSettings(client_id="hv1", queue_size=10))
     started = time.monotonic()
     for i in range(1000):
@@ -99,19 +102,16 @@ def test_sinks_never_wait_and_state_is_coalesced_per_nic() -> None:
         publisher.nic_state("d", "net0", {"result": f"ok {i}"})
     assert time.monotonic() - started < 1
     assert len(publisher.events) == 10 and publisher.events.dropped == 990
-    assert publisher.state("d", "net0") == {"result": "ok 999", "schema": 1}
-    publisher.nic_state("d", "net0", None)
-    assert publisher.state("d", "net0") is None
-    publisher.nic_state("", "net0", {"result": "ok"})  # not a topic level: logged, skipped
-    assert publisher.state("", "net0") is None
 
 
-def test_frozen_publisher_keeps_the_last_state() -> None:
+def test_a_nic_whose_name_is_no_topic_level_is_logged_once_and_skipped() -> None:
     publisher = Publisher(MqttSettings(client_id="hv1"))
-    publisher.nic_state("d", "net0", {"result": "ok"})
-    publisher.freeze()
-    publisher.nic_state("d", "net0", None)  # the daemon drops every NIC as it stops
-    assert publisher.state("d", "net0") == {"result": "ok", "schema": 1}
+    with structlog.testing.capture_logs() as logs:
+        publisher.nic_state("", "net0", {"result": "ok"})
+        publisher.nic_state("", "net0", {"result": "ok again"})
+    assert [(e["event"], e["domain"], e["alias"]) for e in logs] == [
+        ("mqtt: NIC not published", "", "net0")
+    ]
 
 
 def write(tmp_path: Path, text: str) -> Path:
