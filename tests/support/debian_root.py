@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 from tests.support.guest import prefix
 
@@ -75,15 +76,30 @@ def _run(argv: Sequence[str], *, timeout: float, what: str) -> str:
     return proc.stdout
 
 
-@contextlib.contextmanager
-def _locked(lock: Path) -> Iterator[None]:
+def _lock_file(lock: Path, mode: int) -> TextIO | None:
+    """LOCK, opened and flock()ed in MODE; None when MODE has LOCK_NB and it is taken."""
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    f = lock.open("a")
+    try:
+        fcntl.flock(f, mode)
+    except BlockingIOError:
+        f.close()
+        return None
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+@contextlib.contextmanager
+def _locked(lock: Path, mode: int = fcntl.LOCK_EX) -> Iterator[bool]:
+    """Hold LOCK in MODE; yields False (not held) when MODE has LOCK_NB and it is taken."""
+    f = _lock_file(lock, mode)
+    try:
+        yield f is not None
+    finally:
+        if f is not None:
+            f.close()
 
 
 @dataclass(frozen=True)
@@ -211,19 +227,47 @@ class DebianRoot:
         # Beside the root, not in it: the root holds only what debootstrap and apt put there.
         return root.with_name(f".{root.name}.json")
 
+    @property
+    def _lock(self) -> Path:
+        # Held exclusively to build or refresh the root, shared while anything uses it as
+        # an overlay's lower layer (changing that under a mounted overlay is undefined).
+        return self.cache / self.suite / f".{self.name}.lock"
+
+    def _state(self) -> str:
+        """'fresh', 'stale' (package lists older than a day) or 'missing' (or outdated)."""
+        try:
+            stamp = json.loads(self._stamp(self.path).read_text())
+        except (OSError, ValueError):
+            return "missing"
+        if stamp.get("spec") != self._spec():
+            return "missing"
+        if time.time() - float(stamp.get("lists", 0)) > LISTS_MAX_AGE:
+            return "stale"
+        return "fresh"
+
     def ensure(self) -> Path:
         """The root's path, made (or refreshed) first if needed. Takes minutes when cold."""
-        with _locked(self.cache / self.suite / f".{self.name}.lock"):
-            try:
-                stamp = json.loads(self._stamp(self.path).read_text())
-            except (OSError, ValueError):
-                stamp = None
-            if stamp is None or stamp.get("spec") != self._spec():
-                self._build()
-            elif time.time() - float(stamp.get("lists", 0)) > LISTS_MAX_AGE:
-                self._apt(self.path, ["apt-get", "update", "-qq"])
-                self._write_stamp(self.path)
+        with _locked(self._lock, fcntl.LOCK_SH):
+            state = self._state()
+        if state == "stale":
+            # Not while an overlay or a container sits on it (possibly this very process's):
+            # it keeps yesterday's lists until the next run finds it unused.
+            with _locked(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
+                if held and self._state() == "stale":
+                    self._apt(self.path, ["apt-get", "update", "-qq"])
+                    self._write_stamp(self.path)
+        elif state == "missing":
+            with _locked(self._lock):
+                if self._state() == "missing":
+                    self._build()
         return self.path
+
+    def hold(self) -> TextIO:
+        """A shared lock on the root, to close when no overlay uses it any more: a rebuild
+        by another run waits for it. Call after :meth:`ensure`."""
+        f = _lock_file(self._lock, fcntl.LOCK_SH)
+        assert f is not None
+        return f
 
     def _write_stamp(self, root: Path) -> None:
         self._stamp(root).write_text(json.dumps({"spec": self._spec(), "lists": time.time()}))
@@ -272,6 +316,11 @@ class DebianRoot:
                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *self.packages],
             )
         policy.unlink()
+        # A template, as cloud images are: each system booted from it (tests/systemd's
+        # containers) makes its own machine id at first boot.
+        machine_id = tmp / "etc" / "machine-id"
+        if machine_id.exists():
+            machine_id.write_text("")
         self._stamp(self.path).unlink(missing_ok=True)
         shutil.rmtree(self.path, ignore_errors=True)
         tmp.rename(self.path)
@@ -291,6 +340,7 @@ class Overlay:
 
     def __init__(self, root: DebianRoot) -> None:
         self.root = root
+        self._hold = root.hold()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix()}root-", dir=OVERLAY_PARENT))
         self.upper = self.dir / "upper"
         self._work = self.dir / "work"
@@ -311,6 +361,7 @@ class Overlay:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._hold.close()
 
     def run(
         self,
