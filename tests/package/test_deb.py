@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.package.conftest import Roots
+from tests.support.deb_package import STATE, package_paths, repack
 from tests.support.debian_root import Bind, Overlay
 
 pytestmark = pytest.mark.package
@@ -27,8 +28,6 @@ WANTS = "/etc/systemd/system/multi-user.target.wants/rxfilterd.service"
 MAX_EXPOSURE = 2.0
 # The libvirt each release ships: libvirt-python must be built against it.
 LIBVIRT_MAJOR = {"bookworm": 9, "trixie": 11}
-# What apt and dpkg keep about any installation: not files of the package.
-STATE = re.compile(r"^/(var/lib/(dpkg|apt)|var/cache/(apt|debconf|ldconfig)|var/log)(/|$)")
 
 
 @dataclass
@@ -64,20 +63,6 @@ class Installed:
     deb: Path
     before: set[str]
     log: str
-
-
-def package_paths(deb: Path) -> set[str]:
-    """The non-directory paths the .deb ships."""
-    listing = subprocess.run(
-        ["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True
-    ).stdout
-    paths = set()
-    for line in listing.splitlines():
-        if line.startswith("d"):
-            continue
-        name = line.split(None, 5)[5].split(" -> ")[0]
-        paths.add(name.removeprefix("."))
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +136,7 @@ def test_running_it_writes_nothing_into_the_venv(installed: Installed) -> None:
     assert present - shipped == set()
 
 
-def test_upgrade_keeps_edited_config(installed: Installed, tmp_path: Path) -> None:
+def test_upgrade_keeps_edited_config(installed: Installed) -> None:
     root = installed.root
     root.check("sed", "-i", 's/^level = "info"/level = "debug"/', CONFIG)
     root.check("sh", "-c", f"echo '# edited by the operator' >>{CONFIG}")
@@ -166,16 +151,7 @@ def test_upgrade_keeps_edited_config(installed: Installed, tmp_path: Path) -> No
 
     # And to a newer version: the same files repacked under a higher version number.
     newer = f"{old}+test1"
-    unpacked = tmp_path / "unpacked"
-    subprocess.run(["dpkg-deb", "-R", str(installed.deb), str(unpacked)], check=True)
-    control = unpacked / "DEBIAN" / "control"
-    control.write_text(control.read_text().replace(f"Version: {old}\n", f"Version: {newer}\n"))
-    bumped = installed.deb.parent / f"rxfilterd_{newer}_amd64.deb"
-    subprocess.run(
-        ["dpkg-deb", "--root-owner-group", "-b", str(unpacked), str(bumped)],
-        check=True,
-        capture_output=True,
-    )
+    bumped = repack(installed.deb, newer, installed.deb.parent)
     try:
         root.apt_install(bumped.name)
         assert root.version() == newer
