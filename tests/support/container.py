@@ -1,19 +1,21 @@
 """A real systemd as PID 1: a Debian 12 container booted with systemd-nspawn.
 
-The root is cached by ``scripts/build-systemd-root``; each :class:`SystemdContainer` boots
-a fresh overlay of it, so a run starts from a clean system and leaves the cache untouched.
+The root is a cached :class:`~tests.support.debian_root.DebianRoot` with systemd in it
+(tests/support/deb_package.py's ``systemd_root``); each :class:`SystemdContainer` boots a
+fresh overlay of it, so a run starts from a clean system and leaves the cache untouched.
+rxfilterd gets into it as operators install it: ``apt install ./rxfilterd_*.deb``.
 It shares the host's network namespace and ``/run/libvirt``: the daemon inside talks to
 the host's libvirtd and changes the host's macvtaps, as on a hypervisor. Commands run
 inside with ``nsenter`` into its systemd's namespaces.
 
 Everything is named with the test prefix; :func:`cleanup_containers` removes what an
-interrupted run left (its nspawn and systemd processes, overlay mount, run directory).
+interrupted run left (its nspawn and systemd processes, overlay mount, run directory
+``/var/tmp/<name>.container``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -25,21 +27,24 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
+from tests.support.debian_root import DebianRoot
 from tests.support.guest import prefix
 
-CACHE = Path(os.environ.get("RXFT_CACHE", "/var/cache/rxfilterd-test")) / "systemd"
-ROOT = CACHE / "root"
-REPO = Path(__file__).resolve().parents[2]
+RUN_PARENT = Path("/var/tmp")  # not /tmp: the container mounts its own there
 # nspawn keeps per-machine state there and refuses to clean it on a disk /run.
 NSPAWN_STATE = Path("/run/systemd/nspawn")
 MARK = "RXFT_CONTAINER"  # set in the container's PID 1 environment, to find it again
-INSIDE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SYSTEMD_PAGER": ""}
-# Where the daemon lives in the container until the Debian package replaces this install.
-INSTALL_PREFIX = Path("/opt/rxfilterd")
-UNIT_PATH = Path("/etc/systemd/system/rxfilterd.service")
+INSIDE_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "SYSTEMD_PAGER": "",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+# Where Debian 12's debhelper installs a package's unit, and the package's config.
+PACKAGED_UNIT = Path("/lib/systemd/system/rxfilterd.service")
 CONFIG_PATH = Path("/etc/rxfilterd/rxfilterd.toml")
 DROPIN_DIR = Path("/etc/systemd/system/rxfilterd.service.d")
-SOURCE_EXEC = "/usr/local/bin/rxfilterd"  # the program of systemd/rxfilterd.service
+DEB_DIR = Path("/var/tmp/debs")  # where a .deb is put to be installed from
 
 
 class ContainerError(RuntimeError):
@@ -53,8 +58,6 @@ def container_problem() -> str | None:
     missing = [t for t in ("systemd-nspawn", "nsenter", "mount") if shutil.which(t) is None]
     if missing:
         return f"missing host tools: {', '.join(missing)} (scripts/setup-host installs them)"
-    if not (ROOT / "opt/rxfilterd/bin/python").exists():
-        return f"{ROOT} missing: run scripts/build-systemd-root (scripts/setup-host does)"
     return None
 
 
@@ -137,7 +140,7 @@ def _seqnum(cursor: str) -> int:
 
 
 def run_dir(name: str) -> Path:
-    return CACHE / f"run-{name}"
+    return RUN_PARENT / f"{name}.container"
 
 
 def cleanup_containers(name_prefix: str | None = None) -> list[str]:
@@ -146,8 +149,8 @@ def cleanup_containers(name_prefix: str | None = None) -> list[str]:
     if not p:
         raise ValueError("refusing to clean up with an empty prefix")
     removed = []
-    for d in sorted(CACHE.glob(f"run-{p}*")):
-        name = d.name.removeprefix("run-")
+    for d in sorted(RUN_PARENT.glob(f"{p}*.container")):
+        name = d.name.removesuffix(".container")
         nspawns, inits = _nspawns(name), _marked(name)
         # SIGKILL on the container's PID 1 ends its whole PID namespace.
         _kill(inits + nspawns, signal.SIGKILL)
@@ -159,66 +162,17 @@ def cleanup_containers(name_prefix: str | None = None) -> list[str]:
     return removed
 
 
-# --------------------------------------------------------------------------- install
-
-
-def install_daemon(merged: Path, workdir: Path) -> None:
-    """Install rxfilterd into the (not yet booted) root MERGED as an operator would.
-
-    Until the Debian package exists: the daemon as a wheel into the venv the cached root
-    holds at /opt/rxfilterd (its dependencies are there already), the repository's unit
-    with ExecStart pointed at that venv, the shipped config. Swapping this function's
-    body for installing ``rxfilterd_*.deb`` (the root has its dependencies: python3,
-    libvirt0) is all the package needs.
-    """
-    wheels = workdir / "wheels"
-    subprocess.run(
-        [str(REPO / ".venv/bin/pip"), "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
-    (wheel,) = wheels.glob("rxfilterd-*.whl")
-    inside = Path("/var/tmp") / wheel.name
-    shutil.copy(wheel, merged / inside.relative_to("/"))
-    subprocess.run(
-        [
-            "chroot",
-            str(merged),
-            str(INSTALL_PREFIX / "bin/pip"),
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--no-index",
-            str(inside),
-        ],
-        check=True,
-        capture_output=True,
-        env=INSIDE_ENV,
-    )
-    (merged / inside.relative_to("/")).unlink()
-    unit = (REPO / "systemd/rxfilterd.service").read_text()
-    # Every Exec line naming the program (ExecStart and the reload's check-config).
-    assert f"\nExecStart={SOURCE_EXEC} " in unit, "the unit's ExecStart moved"
-    program = f"{INSTALL_PREFIX}/bin/rxfilterd"
-    (merged / UNIT_PATH.relative_to("/")).write_text(
-        unit.replace(f"={SOURCE_EXEC} ", f"={program} ")
-    )
-    config = merged / CONFIG_PATH.relative_to("/")
-    config.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "etc/rxfilterd.toml", config)
-    config.chmod(0o640)
-
-
 # --------------------------------------------------------------------------- container
 
 
 class SystemdContainer:
     """A booted Debian 12 with systemd 252 as its PID 1, on an overlay of the cached root."""
 
-    def __init__(self, name: str, libvirt_run: Path = Path("/run/libvirt")) -> None:
+    def __init__(
+        self, name: str, root: DebianRoot, libvirt_run: Path = Path("/run/libvirt")
+    ) -> None:
         self.name = name
+        self.root = root  # ensured by the caller
         self.libvirt_run = libvirt_run  # the host directory the container sees as /run/libvirt
         self.dir = run_dir(name)
         self.merged = self.dir / "merged"
@@ -238,19 +192,17 @@ class SystemdContainer:
         return self
 
     def _boot(self, timeout: float) -> None:
-        # Shared: scripts/build-systemd-root takes it exclusively to replace the root.
-        self._lock = (CACHE / ".lock").open("a")
-        fcntl.flock(self._lock, fcntl.LOCK_SH)
+        # A rebuild of the root by another run waits until this container is gone.
+        self._lock = self.root.hold()
         upper, work = self.dir / "upper", self.dir / "work"
         for d in (upper, work, self.merged):
             d.mkdir(parents=True)
-        opts = f"lowerdir={ROOT},upperdir={upper},workdir={work}"
+        opts = f"lowerdir={self.root.path},upperdir={upper},workdir={work}"
         subprocess.run(
             ["mount", "-t", "overlay", "rxfilterd-test", "-o", opts, str(self.merged)],
             check=True,
             capture_output=True,
         )
-        install_daemon(self.merged, self.dir)
         NSPAWN_STATE.mkdir(parents=True, exist_ok=True)
         if not _on_tmpfs(NSPAWN_STATE):
             # Only where /run is a disk (no systemd as PID 1: a systemd host's /run is a
@@ -378,6 +330,18 @@ class SystemdContainer:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
         p.chmod(mode)
+
+    def apt_install(self, deb: Path, *options: str) -> str:
+        """``apt install ./DEB`` run inside, in the directory holding it, as the README
+        says; DEB is deleted from the container afterwards. apt's output."""
+        self.write(DEB_DIR / deb.name, "")
+        shutil.copyfile(deb, self.path(DEB_DIR / deb.name))
+        try:
+            command = f"cd {DEB_DIR} && apt install -y {' '.join(options)} ./{deb.name}"
+            res = self.run("sh", "-c", command, timeout=600)
+        finally:
+            shutil.rmtree(self.path(DEB_DIR))
+        return res.stdout + res.stderr
 
     def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run("systemctl", *args, check=check)

@@ -1,8 +1,11 @@
-"""Fixtures for the systemd tier: one booted container per session, one guest per module.
+"""Fixtures for the systemd tier: one booted container per session with the Debian 12
+package installed by apt, one guest per module.
 
-Skips without root, systemd-nspawn, the cached root or the real stack, and fails instead
-when CI=true. Leftover containers and stack objects of an interrupted run (named with
-RXFT_PREFIX) are removed at session start and everything is removed at the end.
+Skips without root, systemd-nspawn, debootstrap or the real stack, and fails instead
+when CI=true. The package and the container's root are tests/package's (built once per
+session, tests/support/deb_package.py). Leftover containers and stack objects of an
+interrupted run (named with RXFT_PREFIX) are removed at session start and everything is
+removed at the end.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import pytest
 from tests.support.container import (
     CONFIG_PATH,
     DROPIN_DIR,
-    REPO,
     SystemdContainer,
     cleanup_containers,
     container_problem,
 )
+from tests.support.deb_package import REPO, PackageBuilds, systemd_root
+from tests.support.debian_root import DebianRoot
 from tests.support.guest import (
     EthernetNic,
     Guest,
@@ -39,6 +43,7 @@ from tests.support.guest import (
 from tests.support.libvirtd import PrivateLibvirtd
 
 MAC0 = "52:54:00:51:00:01"
+SUITE = "bookworm"  # systemd 252, as on the Debian 12 hypervisors the package is for
 
 
 def shipped_config(**settings: str | float) -> str:
@@ -77,10 +82,29 @@ def libvirtd() -> Iterator[PrivateLibvirtd]:
 
 
 @pytest.fixture(scope="session")
-def container(libvirtd: PrivateLibvirtd) -> Iterator[SystemdContainer]:
-    box = SystemdContainer(prefixed("nspawn"), libvirt_run=libvirtd.base / "run")
+def booted_root(debian_roots: Path) -> DebianRoot:
+    """Debian 12 with systemd and the package's dependencies, cached."""
+    root = systemd_root(debian_roots, SUITE)
+    root.ensure()
+    return root
+
+
+@pytest.fixture(scope="session")
+def deb(package_builds: PackageBuilds) -> Path:
+    """The Debian 12 package, built once per session (shared with tests/package)."""
+    return package_builds.deb(SUITE)
+
+
+@pytest.fixture(scope="session")
+def container(
+    libvirtd: PrivateLibvirtd, booted_root: DebianRoot, deb: Path
+) -> Iterator[SystemdContainer]:
+    """A booted Debian 12 with the package installed by apt, as the README says."""
+    box = SystemdContainer(prefixed("nspawn"), booted_root, libvirt_run=libvirtd.base / "run")
     try:
-        yield box.start()
+        box.start()
+        box.apt_install(deb)
+        yield box
     finally:
         box.remove()
 

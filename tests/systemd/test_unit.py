@@ -1,4 +1,4 @@
-"""The installed unit under a real systemd 252: start, notify, journal, reload, watchdog, stop.
+"""The packaged unit under a real systemd 252: start, notify, journal, reload, watchdog, stop.
 
 The daemon runs in a container booted with systemd as PID 1 (tests/support/container.py),
 on the host's network and macvtaps as on a hypervisor, with a libvirtd of this tier's
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.libvirt.test_sync import host_mac
-from tests.support.container import CONFIG_PATH, DROPIN_DIR, UNIT_PATH, SystemdContainer
+from tests.support.container import CONFIG_PATH, DROPIN_DIR, PACKAGED_UNIT, SystemdContainer
 from tests.support.daemon import holds_for, wait_until
 from tests.systemd.conftest import Lab, shipped_config
 
@@ -65,6 +65,9 @@ def test_enable_now_returns_only_once_ready_after_the_first_sync(
         0o640,
     )
     unit.run("mkdir", "-p", late)
+    # The package enabled it at install: start from an operator's `systemctl disable`.
+    unit.systemctl("disable", "rxfilterd")
+    assert unit.systemctl("is-enabled", "rxfilterd", check=False).stdout.strip() == "disabled"
     cursor = unit.cursor()
     enable = unit.popen("systemctl", "enable", "--now", "rxfilterd")
     try:
@@ -209,8 +212,22 @@ def test_stop_ends_it_cleanly_within_seconds(unit: SystemdContainer, lab: Lab) -
     assert (after["ExecMainCode"], after["ExecMainStatus"]) == ("1", "0"), after
 
 
+def test_systemd_runs_the_packaged_unit_and_daemon(unit: SystemdContainer) -> None:
+    start(unit)
+    now = state(unit, "FragmentPath", "ExecStart", "MainPID")
+    assert now["FragmentPath"] == str(PACKAGED_UNIT)
+    assert now["ExecStart"].startswith("{ path=/usr/bin/rxfilterd ;"), now
+    owner = unit.run("dpkg", "-S", str(PACKAGED_UNIT)).stdout
+    assert owner.startswith("rxfilterd: "), owner
+    # /usr/bin/rxfilterd is the venv's entry point: the process is the venv's python.
+    exe = unit.run("readlink", f"/proc/{now['MainPID']}/exe").stdout.strip()
+    assert exe.startswith("/usr/bin/python3"), exe
+    args = unit.run("cat", f"/proc/{now['MainPID']}/cmdline").stdout.split("\0")
+    assert args[1] == "/usr/bin/rxfilterd", args
+
+
 def test_installed_unit_verifies_and_keeps_its_exposure(unit: SystemdContainer) -> None:
-    verify = unit.run("systemd-analyze", "verify", str(UNIT_PATH), check=False)
+    verify = unit.run("systemd-analyze", "verify", str(PACKAGED_UNIT), check=False)
     problems = [line for line in (verify.stdout + verify.stderr).splitlines() if UNIT in line]
     assert (verify.returncode, problems) == (0, []), verify.stdout + verify.stderr
     security = unit.run("systemd-analyze", "security", "--no-pager", UNIT).stdout
