@@ -1,28 +1,34 @@
-# rxfilterd container image. Run with the host's network namespace and libvirt socket;
+# rxfilterd container image: the Debian 12 package (docs/packaging.md), built and
+# installed as on a hypervisor. Run with the host's network namespace and libvirt socket;
 # see docs/service.md for the `docker run` command.
 
-# --- build stage: libvirt-python needs libvirt headers, pkg-config and a compiler ---
-FROM python:3.11.11-slim-bookworm AS build
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libvirt-dev pkg-config gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
+# --- build stage: scripts/build-deb with debian/control's build dependencies ---
+FROM debian:bookworm-slim AS build
 WORKDIR /src
+COPY debian ./debian
+# apt reads Build-Depends from the source tree, as `apt-get build-dep ./` in the README.
+RUN apt-get update \
+    && apt-get build-dep -y --no-install-recommends ./ \
+    && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY rxfilterd ./rxfilterd
-# Wheels for the package and every dependency, so the runtime stage needs no compiler.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+COPY etc ./etc
+COPY systemd ./systemd
+COPY scripts/build-deb ./scripts/build-deb
+# debian/rules pip-installs rxfilterd and its dependencies into the package's venv.
+RUN PIP_NO_CACHE_DIR=1 scripts/build-deb /dist
 
-# --- runtime stage: only the shared library libvirt-python links against ---
-FROM python:3.11.11-slim-bookworm
+# --- runtime stage: the package and what apt pulls for it (python3.11, libvirt0) ---
+FROM debian:bookworm-slim
+COPY --from=build /dist /tmp/dist
+# No systemd runs here: the package's postinst only enables the unit, starts nothing.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libvirt0 \
-    && rm -rf /var/lib/apt/lists/*
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels rxfilterd \
-    && rm -rf /wheels
+    && cd /tmp/dist \
+    && apt-get install -y --no-install-recommends ./rxfilterd_*.deb \
+    && rm -rf /var/lib/apt/lists/* /tmp/dist
 # Runs as root in the container: it needs CAP_NET_ADMIN in the host network namespace and
 # the root-owned read-write libvirt socket (same reasoning as the systemd unit).
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+ENV PYTHONUNBUFFERED=1
 # No HEALTHCHECK: rxfilterd serves no endpoint to probe; it exits non-zero on a fatal
 # error, so `--restart on-failure` covers liveness, and its watchdog is systemd's.
 HEALTHCHECK NONE

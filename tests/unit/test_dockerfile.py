@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
 
 
 @dataclass
@@ -88,19 +89,58 @@ def test_no_add_of_urls(instructions: list[Instruction]) -> None:
 
 
 def test_apt_lists_cleaned_in_same_run(instructions: list[Instruction]) -> None:
-    apt_runs = [i for i in by(instructions, "RUN") if "apt-get install" in i.args]
-    assert apt_runs, "expected apt-get install for libvirt"
+    apt_runs = [
+        i for i in by(instructions, "RUN") if re.search(r"apt-get (install|build-dep)", i.args)
+    ]
+    assert apt_runs, "expected apt-get for the build dependencies and the package"
     for ins in apt_runs:
         assert "apt-get update" in ins.args, f"line {ins.line}: stale lists"
         assert "--no-install-recommends" in ins.args, f"line {ins.line}"
         assert "rm -rf /var/lib/apt/lists/*" in ins.args, f"line {ins.line}: lists kept"
 
 
-def test_pip_without_cache(instructions: list[Instruction]) -> None:
-    pip_runs = [i for i in by(instructions, "RUN") if re.search(r"\bpip3? (install|wheel)", i.args)]
-    assert any("pip install" in i.args for i in pip_runs)
-    for ins in pip_runs:
-        assert "--no-cache-dir" in ins.args, f"line {ins.line}"
+def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
+    """The instructions of each stage, FROM first."""
+    out: list[list[Instruction]] = []
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            out.append([])
+        assert out, f"line {ins.line}: {ins.keyword} before FROM"
+        out[-1].append(ins)
+    return out
+
+
+def build_deb_sources() -> list[str]:
+    """What scripts/build-deb packs into the source tree it builds from."""
+    script = (REPO / "scripts" / "build-deb").read_text()
+    match = re.search(r'tar -C "\$REPO"[^\n]*-c \\\n\s*([^|]+)\|', script)
+    assert match, "scripts/build-deb no longer packs its sources with tar -c"
+    return match.group(1).split()
+
+
+def test_built_by_build_deb_from_every_source_it_packs(instructions: list[Instruction]) -> None:
+    build = stages(instructions)[0]
+    runs = [i.args for i in build if i.keyword == "RUN"]
+    assert any(re.search(r"(^|\s)scripts/build-deb \S+", r) for r in runs), runs
+    assert any("apt-get build-dep" in r and "./" in r.split() for r in runs), runs
+    copied = {
+        Path(source).as_posix()
+        for i in build
+        if i.keyword == "COPY"
+        for source in [w for w in i.args.split() if not w.startswith("--")][:-1]
+    }
+    for source in [*build_deb_sources(), "scripts/build-deb"]:
+        assert source in copied, f"the build stage lacks {source}, which build-deb packs"
+
+
+def test_final_stage_installs_the_package_with_apt(instructions: list[Instruction]) -> None:
+    final = stages(instructions)[-1]
+    copies = [i.args.split() for i in final if i.keyword == "COPY"]
+    assert [c[0] for c in copies] == ["--from=build"], copies
+    runs = " ".join(i.args for i in final if i.keyword == "RUN")
+    assert re.search(r"apt-get install [^&]*\./rxfilterd_\*\.deb", runs), runs
+    # Everything comes from the package: no pip, nothing built here.
+    assert not re.search(r"\bpip3?\b|build-deb|build-dep", runs), runs
 
 
 def test_build_deps_not_in_final_stage(instructions: list[Instruction]) -> None:
