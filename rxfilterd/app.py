@@ -1,4 +1,5 @@
-"""The process: logging, signals, SIGHUP reload, sd_notify and its watchdog, the MQTT sink.
+"""The process: logging, signals, SIGHUP reload, sd_notify and its watchdog, and the sinks
+(MQTT, metrics, the status socket's live state).
 
 cli.py parses the command line and calls `run`. Everything here wires together parts
 that know nothing of each other; none of it decides anything about a NIC.
@@ -13,19 +14,25 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
 from rxfilterd import config as config_mod
 from rxfilterd import logs
-from rxfilterd.config import Config, ConfigError
+from rxfilterd.config import Config, ConfigError, split_listen
 from rxfilterd.daemon import Daemon
+from rxfilterd.live import LiveState
 from rxfilterd.macvtap import HostNetwork
 from rxfilterd.notify import Notifier, watchdog_interval
-from rxfilterd.ports import Tracer
+from rxfilterd.ports import DecisionSink, StateSink, Tracer
+from rxfilterd.stats import Stats
+from rxfilterd.status_server import StatusServer
+from rxfilterd.tracing import combine
 
 if TYPE_CHECKING:
+    from rxfilterd.metrics import DaemonMetrics
     from rxfilterd.publisher import Publisher
 
 log = structlog.get_logger("rxfilterd")
@@ -57,13 +64,21 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     notifier = Notifier()
+    stats = Stats()
+    live = LiveState(stats, config.libvirt.uri)
     async with HostNetwork() as network:
         publisher = start_publisher(config)
-        daemon = wire(config, network, notifier, publisher, tracer)
+        metrics = make_metrics(config, stats, publisher)
+        daemon = wire(
+            config, network, notifier, publisher, combine(metrics, tracer), stats, live, metrics
+        )
         loop.add_signal_handler(signal.SIGHUP, reload, daemon, forced_dry_run)
         log.info(
             "starting", config=str(config.path), uri=config.libvirt.uri, dry_run=config.sync.dry_run
         )
+        add_sections(live, config, publisher, metrics)
+        status_server = StatusServer(Path(config.status.socket), live.snapshot)
+        await status_server.start()
         publisher_stop = asyncio.Event()
         publishing: asyncio.Task[None] | None = None
         if publisher is not None:
@@ -80,6 +95,9 @@ async def serve(
         except TimeoutError:
             log.warning("shutdown timed out; in-flight work abandoned")
         watchdog.cancel()
+        await status_server.close()
+        if metrics is not None:
+            metrics.close()
         if publishing is not None:
             publisher_stop.set()
             try:
@@ -99,23 +117,81 @@ def start_publisher(config: Config) -> Publisher | None:
     return Publisher(config.mqtt)
 
 
+def make_metrics(config: Config, stats: Stats, publisher: Publisher | None) -> DaemonMetrics | None:
+    """With [metrics] listen set, the daemon's metrics (not yet served); None otherwise."""
+    if config.metrics.listen is None:
+        return None
+    # Imported only when enabled: prometheus_client adds about 2 MiB and 25 ms of
+    # start-up (docs/benchmarks.md) that the default configuration need not carry.
+    from rxfilterd.metrics import DaemonMetrics
+
+    def mqtt_view() -> tuple[bool, int]:
+        assert publisher is not None
+        return publisher.connected, publisher.events.dropped
+
+    metrics = DaemonMetrics(
+        stats,
+        domain_label=config.metrics.domain_label,
+        mqtt=mqtt_view if publisher is not None else None,
+    )
+    host, port = split_listen(config.metrics.listen)
+    try:
+        metrics.serve(host, port)
+    except OSError as exc:
+        # Syncing matters more than metrics: say so loudly and go on without them.
+        log.error("metrics: cannot listen", listen=config.metrics.listen, error=str(exc))
+        return metrics
+    log.info("metrics: serving", url=f"http://{config.metrics.listen}/metrics")
+    return metrics
+
+
+def add_sections(
+    live: LiveState, config: Config, publisher: Publisher | None, metrics: DaemonMetrics | None
+) -> None:
+    """What `status` says about MQTT and metrics, read when it is asked."""
+    if publisher is not None:
+        broker = f"{config.mqtt.host}:{config.mqtt.port}"
+        live.sections["mqtt"] = lambda: {
+            "broker": broker,
+            "connected": publisher.connected,
+            "dropped": publisher.events.dropped,
+        }
+    if metrics is not None:
+        listen = config.metrics.listen
+        live.sections["metrics"] = lambda: (
+            {"url": f"http://{listen}/metrics"}
+            if metrics.port is not None
+            else {"error": f"cannot listen on {listen} (see the log)"}
+        )
+
+
 def wire(
     config: Config,
     network: HostNetwork,
     notifier: Notifier,
     publisher: Publisher | None,
     tracer: Tracer | None,
+    stats: Stats | None = None,
+    live: LiveState | None = None,
+    metrics: DaemonMetrics | None = None,
 ) -> Daemon:
     """The daemon, its decisions, NIC states, readiness and status going to their sinks."""
+    decisions: list[DecisionSink] = []
+    states: list[StateSink] = []
+    for sink in (live, metrics, publisher):
+        if sink is not None:
+            decisions.append(sink.decision)
+            states.append(sink.nic_state)
     return Daemon(
         config,
         network,
-        decisions=[publisher.decision] if publisher else [],
-        states=[publisher.nic_state] if publisher else [],
+        decisions=decisions,
+        states=states,
         # Once every current NIC is published, the publisher may clear stale retained topics.
         on_ready=[publisher.ready, notifier.ready] if publisher else [notifier.ready],
         on_status=[notifier.status],
         tracer=tracer,
+        stats=stats,
     )
 
 
@@ -135,6 +211,8 @@ def reload(daemon: Daemon, forced_dry_run: bool) -> None:
     for key, before, after in (
         ("libvirt.uri", old.libvirt.uri, new.libvirt.uri),
         ("mqtt", old.mqtt, new.mqtt),
+        ("metrics", old.metrics, new.metrics),
+        ("status", old.status, new.status),
     ):
         if before != after:
             log.warning("config change takes effect at restart", key=key)

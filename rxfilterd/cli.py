@@ -1,4 +1,4 @@
-"""The command line: parse it, then run the daemon, check a config, explain, or show the fleet."""
+"""The command line: parse it, then run the daemon, check a config, explain, status or fleet."""
 
 from __future__ import annotations
 
@@ -67,11 +67,19 @@ def _parser() -> argparse.ArgumentParser:
         help="show every host's NICs from the MQTT broker's retained state",
     )
     fleet.add_argument("--follow", action="store_true", help="then print live events until Ctrl-C")
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="ask the running daemon for its live state (NICs, last syncs, counters, errors)",
+    )
+    status.add_argument("--json", action="store_true", help="the daemon's JSON answer as is")
     return parser
 
 
 def load_config(args: argparse.Namespace) -> Config:
     path: Path = getattr(args, "config", config_mod.DEFAULT_PATH)
+    if args.command == "status" and not hasattr(args, "config") and not path.exists():
+        return Config()  # only the socket's path is needed: the default one
     config = config_mod.load(path)
     return config.with_dry_run() if getattr(args, "dry_run", False) else config
 
@@ -96,6 +104,11 @@ def main(argv: list[str] | None = None, *, tracer: Tracer | None = None) -> int:
         from rxfilterd import explain
 
         ok = explain.run(config, as_json=args.json, only=args.domain, notes=args.notes)
+        return EXIT_OK if ok else EXIT_FAILURE
+    if args.command == "status":
+        from rxfilterd import status
+
+        ok = status.run(Path(config.status.socket), as_json=args.json)
         return EXIT_OK if ok else EXIT_FAILURE
     if args.command == "fleet":
         from rxfilterd import fleet

@@ -103,6 +103,43 @@ class MqttSettings:
         return context
 
 
+def listen_address(value: str) -> str:
+    """ "HOST:PORT" ("[V6ADDR]:PORT" for IPv6) checked; ValueError says what is wrong."""
+    host, port = split_listen(value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """HOST and PORT of a "HOST:PORT" or "[V6ADDR]:PORT" string (ValueError if neither)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'{value!r} is not "HOST:PORT" (e.g. "127.0.0.1:9474")')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'{value!r}: an IPv6 address goes in brackets, e.g. "[::1]:9474"')
+    if not host or any(c.isspace() or c in "[]/" for c in host):
+        raise ValueError(f"{value!r}: {host!r} is not a host name or address")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r}: {port!r} is not a TCP port (1-65535)")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    # "HOST:PORT" of the Prometheus endpoint (/metrics); None: no endpoint.
+    listen: Annotated[str, listen_address] | None = None
+    # Add a domain label to the per-sync counters and the NIC gauge (one series per
+    # domain: fine for tens of domains, not for thousands).
+    domain_label: bool = False
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    # The unix socket `rxfilterd status` asks (root only, under the unit's RuntimeDirectory).
+    socket: str = "/run/rxfilterd/status.sock"
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path | None = None
@@ -110,6 +147,8 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    status: StatusSettings = field(default_factory=StatusSettings)
     policies: tuple[PolicyRule, ...] = ()
 
     def policy_for(
@@ -150,7 +189,7 @@ def validate(data: Mapping[str, object], path: Path | None = None) -> Config:
     """The settings DATA holds, checked and normalised; reads no file."""
     where = str(path) if path else "<config>"
     for name in data:
-        if name not in ("libvirt", "log", "sync", "mqtt", "policy"):
+        if name not in ("libvirt", "log", "sync", "mqtt", "metrics", "status", "policy"):
             raise ConfigError(f"{where}: unknown section [{name}]")
     config = Config(
         path=path,
@@ -158,6 +197,8 @@ def validate(data: Mapping[str, object], path: Path | None = None) -> Config:
         log=_section(LogSettings, data, "log", where),
         sync=_section(SyncSettings, data, "sync", where),
         mqtt=_section(MqttSettings, data, "mqtt", where),
+        metrics=_section(MetricsSettings, data, "metrics", where),
+        status=_section(StatusSettings, data, "status", where),
         policies=_policies(data.get("policy", []), where),
     )
     _check(config, where)
@@ -303,6 +344,8 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: mqtt.tls_cert and mqtt.tls_key go together")
     if mqtt.password_file is not None and mqtt.username is None:
         raise ConfigError(f"{where}: mqtt.password_file: needs mqtt.username")
+    if not config.status.socket.startswith("/"):
+        raise ConfigError(f"{where}: status.socket: must be an absolute path")
 
 
 def _read_password(path: str, where: str) -> str:

@@ -31,7 +31,7 @@ class Daemon:
     Decisions go to every DECISIONS sink, NIC state to every STATES sink; ON_READY is
     called once every NIC had its first sync, ON_STATUS with each new status line.
     CONNECT opens libvirt connections (fakes in tests); TRACER sees the hot path's
-    steps (benchmarks).
+    steps (metrics, benchmarks); STATS, when given, is where it counts.
     """
 
     def __init__(
@@ -46,8 +46,9 @@ class Daemon:
         connect: HypervisorFactory = Hypervisor,
         timings: Timings | None = None,
         tracer: Tracer | None = None,
+        stats: Stats | None = None,
     ) -> None:
-        self.stats = Stats()
+        self.stats = stats or Stats()
         self._on_ready = tuple(on_ready)
         self._on_status = tuple(on_status)
         self._tracer = tracer

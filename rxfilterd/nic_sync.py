@@ -54,6 +54,8 @@ class NicSync:
     guest: dict[str, Any] | None = None
     host: dict[str, Any] | None = None
     last_sync: float | None = None
+    # What started the last sync: start, event, resync, retry, reset, ...
+    last_cause: str | None = None
     result: str = "pending"
     noted: set[str] = field(default_factory=set)
     synced_once: asyncio.Event = field(default_factory=asyncio.Event)
@@ -127,6 +129,7 @@ class NicSyncer:
         finally:
             nic.synced_once.set()
             nic.last_sync = time.time()
+            nic.last_cause = cause
         if outcome == "ok":
             if nic.failures:
                 log.info(

@@ -45,6 +45,7 @@ class Sinks:
             "guest": nic.guest if nic else None,
             "host": nic.host if nic else None,
             "last_sync": nic.last_sync if nic else None,
+            "cause": nic.last_cause if nic else None,
             "result": nic.result if nic else "not synced",
         }
         for sink in self.states:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from rxfilterd.libvirt_handler import version_text
+
 
 @dataclass
 class Stats:
@@ -16,6 +18,13 @@ class Stats:
     last_error: str = ""
     # Wall-clock time libvirt went away; None while connected (or never lost).
     away_since: float | None = None
+    # The connected libvirt's version, packed (major * 1e6 + minor * 1e3 + micro); 0: never.
+    libvirt_version: int = 0
+
+    @property
+    def libvirt_version_text(self) -> str:
+        """The connected libvirt's version ("9.0.0"), "" before the first connection."""
+        return version_text(self.libvirt_version) if self.libvirt_version > 0 else ""
 
     def summary(self, nics: int) -> str:
         if self.connected:

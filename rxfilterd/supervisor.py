@@ -136,6 +136,7 @@ class ConnectionSupervisor:
     ) -> str | None:
         self._back()
         self._stats.connected = True
+        self._stats.libvirt_version = hypervisor.version
         try:
             lost = await self._session.serve(hypervisor, events, stop, cause)
             if lost is not None:

@@ -1,0 +1,106 @@
+"""The daemon's live state for `rxfilterd status`: every NIC, counters, recent trouble.
+
+A decision sink and a state sink, kept on the event loop and read there (the status
+socket is served by the same loop), so nothing here needs a lock. Everything it holds
+is bounded: one entry per NIC of a running domain, and the last RECENT refusals and
+errors.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import rxfilterd
+from rxfilterd.records import Decision, NicState
+from rxfilterd.stats import Stats
+
+# How many refusals and errors `status` shows, newest last.
+RECENT = 20
+# A status answer lists at most this many NICs (and says how many it left out).
+MAX_NICS = 1000
+
+# The keys of a decision worth showing in a recent refusal or error.
+_KEYS = (
+    "time",
+    "event",
+    "domain",
+    "alias",
+    "ifname",
+    "field",
+    "value",
+    "stage",
+    "reason",
+    "error",
+    "cause",
+    "attempt",
+)
+_ERRORS = ("failed", "rejected")
+
+
+class LiveState:
+    """What the daemon knows now, as `status` shows it."""
+
+    def __init__(self, stats: Stats, uri: str, *, started: float | None = None) -> None:
+        self.stats = stats
+        self.uri = uri
+        self.started = time.time() if started is None else started
+        self.nics: dict[tuple[str, str], NicState] = {}
+        self.refusals: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        self.errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        self.decisions: collections.Counter[str] = collections.Counter()
+        # Sections the app adds (mqtt, metrics), each read when status is asked.
+        self.sections: dict[str, Callable[[], dict[str, Any]]] = {}
+
+    def decision(self, record: Decision) -> None:
+        event = str(record.get("event", ""))
+        self.decisions[event] += 1
+        if event == "refused":
+            self.refusals.append(_brief(record))
+        elif event in _ERRORS:
+            self.errors.append(_brief(record))
+
+    def nic_state(self, domain: str, alias: str, state: NicState | None) -> None:
+        if state is None:
+            self.nics.pop((domain, alias), None)
+        else:
+            self.nics[(domain, alias)] = state
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status answer: plain JSON values, bounded in size."""
+        stats, now = self.stats, time.time()
+        keys = sorted(self.nics)
+        return {
+            "version": rxfilterd.__version__,
+            "pid": os.getpid(),
+            "started": self.started,
+            "uptime_seconds": round(now - self.started, 1),
+            "connections": [
+                {
+                    "uri": self.uri,
+                    "connected": stats.connected,
+                    "libvirt_version": stats.libvirt_version_text,
+                    "away_since": stats.away_since,
+                    "last_error": stats.last_error,
+                }
+            ],
+            "counters": {
+                "nics_synced": stats.nics_synced,
+                "queries": stats.queries,
+                "syncs": stats.syncs,
+                "changes_applied": stats.writes,
+                "decisions": dict(sorted(self.decisions.items())),
+            },
+            **{name: section() for name, section in self.sections.items()},
+            "nics": [self.nics[key] for key in keys[:MAX_NICS]],
+            "nics_left_out": max(0, len(keys) - MAX_NICS),
+            "recent_refusals": list(self.refusals),
+            "recent_errors": list(self.errors),
+        }
+
+
+def _brief(record: Decision) -> dict[str, Any]:
+    return {key: record[key] for key in _KEYS if key in record}
