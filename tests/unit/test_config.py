@@ -86,6 +86,22 @@ def test_bad_files(tmp_path: Path, text: str, message: str | None) -> None:
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [
+        ("127.0.0.1:9474", "127.0.0.1", 9474),
+        ("[::1]:9474", "::1", 9474),
+        ("[::]:1", "::", 1),
+        ("metrics.example:65535", "metrics.example", 65535),
+    ],
+)
+def test_metrics_listen(tmp_path: Path, listen: str, host: str, port: int) -> None:
+    loaded = config.load(write(tmp_path, f"[metrics]\nlisten = '{listen}'\n"))
+    assert loaded.metrics.listen == listen
+    assert config.split_listen(listen) == (host, port)
+    assert config.Config().metrics.listen is None  # off by default
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(tmp_path / "absent.toml")
@@ -176,6 +192,16 @@ fields = ["mac"]
         ("[mqtt]\nusername = 7\n", "mqtt.username: expected a string, got an integer"),
         ("[mqtt]\nqueue_size = 0\n", "mqtt.queue_size: must be at least 1"),
         ("[mqtt]\ntls_cert = '/etc/hostname'\n", "mqtt.tls_cert and mqtt.tls_key go together"),
+        ("[metrics]\nlisten = 9474\n", "metrics.listen: expected a string, got an integer"),
+        ("[metrics]\nlisten = '9474'\n", "metrics.listen: '9474' is not \"HOST:PORT\""),
+        ("[metrics]\nlisten = ':9474'\n", "metrics.listen: ':9474' is not"),
+        ("[metrics]\nlisten = 'localhost:0'\n", "metrics.listen: 'localhost:0': '0' is not a TCP"),
+        ("[metrics]\nlisten = 'h:99999'\n", "'99999' is not a TCP port"),
+        ("[metrics]\nlisten = '::1:9474'\n", "an IPv6 address goes in brackets"),
+        ("[metrics]\nlisten = 'a b:1'\n", "'a b' is not a host name or address"),
+        ("[metrics]\ndomain_label = 1\n", "metrics.domain_label: expected true or false"),
+        ("[metrics]\nport = 1\n", "metrics.port: unknown key"),
+        ("[status]\nsocket = 'status.sock'\n", "status.socket: must be an absolute path"),
     ],
 )
 def test_more_bad_values_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from rxfilterd.config import StatusSettings
+
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "rxfilterd.service"
 EXEC_START = "/usr/local/bin/rxfilterd --config /etc/rxfilterd/rxfilterd.toml"
 MAX_EXPOSURE = 2.0
@@ -120,7 +122,15 @@ def test_hardening(service: dict[str, list[str]], key: str, value: str) -> None:
     assert one(service, key) == value
 
 
+def test_runtime_directory_holds_the_status_socket(service: dict[str, list[str]]) -> None:
+    # config.StatusSettings' default socket lives there; only root may reach it.
+    assert one(service, "RuntimeDirectory") == "rxfilterd"
+    assert one(service, "RuntimeDirectoryMode") == "0700"
+    assert Path(StatusSettings().socket).parent == Path("/run/rxfilterd")
+
+
 def test_address_families(service: dict[str, list[str]]) -> None:
+    # AF_INET and AF_INET6: the MQTT broker and the [metrics] endpoint.
     assert words(service, "RestrictAddressFamilies") == {
         "AF_UNIX",
         "AF_NETLINK",
