@@ -426,6 +426,8 @@ class BenchDaemon:
     profile_rate: int = 100
     trace: bool = False
     nice: int = 0  # the daemon's niceness (what a unit's Nice= would set)
+    # More config sections, e.g. {"metrics": {"listen": "127.0.0.1:9474"}}.
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     pid: int = 0
     spawned: float = 0.0
@@ -437,7 +439,13 @@ class BenchDaemon:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = write_config(
             self.workdir / "rxfilterd.toml",
-            {"log": {"level": self.level, "format": "json"}, "sync": self.sync},
+            {
+                "log": {"level": self.level, "format": "json"},
+                "sync": self.sync,
+                # Its own status socket: not /run/rxfilterd's, which a real daemon may hold.
+                "status": {"socket": str(self.workdir / "status.sock")},
+                **self.sections,
+            },
         )
         self.log_path = self.workdir / "rxfilterd.log"
 

@@ -300,7 +300,14 @@ class DaemonMetrics:
             self._server = None
 
     def names(self) -> Iterator[str]:
-        """Every sample name the registry exports now (dashboards may use only these)."""
+        """Every sample name the registry exports (dashboards may use only these), also
+        of labelled families that have no series yet."""
+        suffixes = {
+            "counter": ("_total",),
+            "gauge": ("",),
+            "histogram": ("_bucket", "_count", "_sum"),
+            "info": ("_info",),
+        }
         for family in self.registry.collect():
-            for sample in family.samples:
-                yield sample.name
+            yield from (family.name + suffix for suffix in suffixes.get(family.type, ()))
+            yield from (sample.name for sample in family.samples)

@@ -113,7 +113,8 @@ def test_venv_on_release_python_and_libvirt(roots: Roots, installed: Installed) 
     out = installed.root.check(
         "/opt/rxfilterd/bin/python",
         "-c",
-        "import sys, libvirt, libvirt_qemu, libvirtaio, pyroute2, structlog, aiomqtt, rxfilterd;"
+        "import sys, libvirt, libvirt_qemu, libvirtaio, pyroute2, structlog, aiomqtt,"
+        " prometheus_client, rxfilterd;"
         "print(sys.executable, '%d.%d' % sys.version_info[:2], libvirt.getVersion())",
     )
     executable, python, libvirt_version = out.split()

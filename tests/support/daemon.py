@@ -56,6 +56,8 @@ class RunningDaemon:
             {
                 "log": {"level": "debug", "format": log_format},
                 "sync": sync or {},
+                # Its own status socket: not /run/rxfilterd's, which a real daemon may hold.
+                "status": {"socket": str(workdir / "status.sock")},
                 **(sections or {}),
             },
         )

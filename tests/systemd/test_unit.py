@@ -10,6 +10,7 @@ needs it.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.libvirt.test_observability import free_port, scrape, value
 from tests.libvirt.test_sync import host_mac
 from tests.support.container import CONFIG_PATH, DROPIN_DIR, PACKAGED_UNIT, SystemdContainer
 from tests.support.daemon import holds_for, wait_until
@@ -224,6 +226,29 @@ def test_systemd_runs_the_packaged_unit_and_daemon(unit: SystemdContainer) -> No
     assert exe.startswith("/usr/bin/python3"), exe
     args = unit.run("cat", f"/proc/{now['MainPID']}/cmdline").stdout.split("\0")
     assert args[1] == "/usr/bin/rxfilterd", args
+
+
+def test_status_socket_and_metrics_under_the_unit(unit: SystemdContainer, lab: Lab) -> None:
+    port = free_port()  # the container shares the host's network
+    unit.write(CONFIG_PATH, shipped_config(listen=f"127.0.0.1:{port}"), 0o640)
+    start(unit)
+    mac = new_mac()
+    lab.guest.set_mac(mac)
+    wait_until(lambda: host_mac(lab.macvtap.name) == mac, 10, "the guest's MAC on the macvtap")
+    # The RuntimeDirectory and the socket in it are root's alone.
+    modes = unit.run("stat", "-c", "%a %U %F", "/run/rxfilterd", "/run/rxfilterd/status.sock")
+    assert modes.stdout.splitlines() == ["700 root directory", "600 root socket"]
+    rxfilterd = "/usr/bin/rxfilterd"  # the package's
+    answer = json.loads(unit.run(rxfilterd, "status", "--json").stdout)
+    (nic,) = [n for n in answer["nics"] if n["domain"] == lab.guest.name]
+    assert nic["ifname"] == lab.macvtap.name and nic["host"]["mac"] == mac
+    samples, _ = scrape(port)
+    assert value(samples, "rxfilterd_libvirt_connections_up") == 1
+    assert value(samples, "rxfilterd_changes_applied_total", field="mac") >= 1
+    unit.systemctl("stop", "rxfilterd")
+    gone = unit.run(rxfilterd, "status", check=False)
+    assert gone.returncode == 1 and "no rxfilterd is running" in gone.stderr, gone
+    assert unit.run("test", "-e", "/run/rxfilterd", check=False).returncode == 1
 
 
 def test_installed_unit_verifies_and_keeps_its_exposure(unit: SystemdContainer) -> None:
