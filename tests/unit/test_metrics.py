@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -182,3 +184,14 @@ def test_tracers_combined() -> None:
     both.event_received(RxFilterChanged("u", "d", "net0", T0), T0)
     both.step("write", "mac", T0, T0)
     assert one.seen == two.seen == ["started", "received", "write"]
+
+
+def test_prometheus_client_is_imported_only_with_metrics_on() -> None:
+    # The default configuration does not carry it (docs/benchmarks.md: 4.3 MiB of RSS).
+    code = (
+        "import sys; from rxfilterd import app, cli; from rxfilterd.config import Config;"
+        "from rxfilterd.stats import Stats;"
+        "assert app.make_metrics(Config(), Stats(), None) is None;"
+        "assert 'prometheus_client' not in sys.modules, 'imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
