@@ -99,7 +99,7 @@ def render(answer: dict[str, Any]) -> str:
         lines.append(f"metrics: {where}")
     c = answer.get("counters", {})
     lines.append(
-        f"{c.get('nics_synced', 0)} NICs synced; {c.get('queries', 0)} queries,"
+        f"{_count(c.get('nics_synced', 0), 'NIC')} synced; {c.get('queries', 0)} queries,"
         f" {c.get('syncs', 0)} syncs, {c.get('changes_applied', 0)} changes applied"
     )
     rows = [_row(nic) for nic in answer.get("nics", [])]
@@ -121,8 +121,8 @@ def _row(nic: dict[str, Any]) -> tuple[str, ...]:
     return (
         str(nic.get("domain", "")),
         str(nic.get("alias", "")),
-        str(nic.get("ifname", "")),
-        str(host.get("mac") or nic.get("current_mac") or ""),
+        str(nic.get("ifname") or "-"),
+        str(host.get("mac") or nic.get("current_mac") or "-"),
         str(nic.get("trust", "")),
         str(nic.get("action", "")),
         time.strftime("%H:%M:%S", time.localtime(when)) if when else "-",
@@ -148,6 +148,10 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return [
         "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _duration(seconds: float) -> str:
