@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None, *, tracer: Tracer | None = None) -> int:
         ok = status.run(Path(config.status.socket), as_json=args.json)
         return EXIT_OK if ok else EXIT_FAILURE
     if args.command == "fleet":
-        from rxfilterd import fleet
+        from rxfilterd import fleet_reader
 
-        return EXIT_OK if fleet.run(config.mqtt, follow=args.follow) else EXIT_FAILURE
+        return EXIT_OK if fleet_reader.run(config.mqtt, follow=args.follow) else EXIT_FAILURE
     from rxfilterd import app
 
     app.run(config, forced_dry_run=getattr(args, "dry_run", False), tracer=tracer)

@@ -12,9 +12,10 @@ import sys
 
 from rxfilterd.config import Config
 from rxfilterd.hypervisor import Hypervisor, HypervisorError
-from rxfilterd.inventory import EXPLAIN_KEYS, NicReport, handling_notes, survey
+from rxfilterd.inventory import NicReport, handling_notes, survey
 from rxfilterd.macvtap import HostNetwork
 from rxfilterd.policy import ALL_FIELDS
+from rxfilterd.records import EXPLAIN_COLUMNS, NicRow, format_table
 
 # One row's notes: how its VLAN ids and unicast table are handled, and the policy in force.
 Notes = tuple[str, ...]
@@ -31,12 +32,12 @@ def run(config: Config, *, as_json: bool, only: str | None, notes: bool = False)
     if as_json:
         # The row keys are fixed; the handling notes only go in on request.
         out: list[dict[str, str | list[str]]] = [
-            {**row, "notes": list(n)} if notes else {**row}
+            {**row.fields(), "notes": list(n)} if notes else {**row.fields()}
             for row, n in zip(rows, handling, strict=True)
         ]
         print(json.dumps(out, indent=2))
     else:
-        print(format_table(rows, handling))
+        print(table(rows, handling))
     return True
 
 
@@ -65,16 +66,12 @@ async def _notes(config: Config, report: NicReport, network: HostNetwork) -> Not
     return lines
 
 
-def format_table(rows: list[dict[str, str]], notes: list[Notes] | None = None) -> str:
+def table(rows: list[NicRow], notes: list[Notes] | None = None) -> str:
     """The explain table; NOTES (one tuple per row) becomes a last column."""
-    columns = list(EXPLAIN_KEYS)
     if not rows:
         return "no NICs on running domains"
-    if notes is not None:
-        columns.append("notes")
-        rows = [{**row, "notes": "; ".join(n)} for row, n in zip(rows, notes, strict=True)]
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
-    for row in rows:
-        lines.append("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
-    return "\n".join(lines)
+    cells = [row.fields() for row in rows]
+    if notes is None:
+        return format_table(EXPLAIN_COLUMNS, cells)
+    notes_cells = [{**c, "notes": "; ".join(n)} for c, n in zip(cells, notes, strict=True)]
+    return format_table((*EXPLAIN_COLUMNS, "notes"), notes_cells)

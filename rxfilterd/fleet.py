@@ -1,67 +1,24 @@
-"""`rxfilterd fleet`: the table of every host's NICs and the live event lines.
+"""`rxfilterd fleet`: the table of every host's NICs and the live event lines. No I/O.
 
-`run` reads them from the broker; everything else here is pure. Payloads come from
-other hosts' brokers and may be old, partial or not ours: every field is optional here,
-and anything unreadable prints as "?" rather than failing.
+fleet_reader reads the broker and prints what this module makes of it. Payloads come
+from other hosts' brokers and may be old, partial or not ours: every field is optional
+here, and anything unreadable prints as "?" rather than failing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import signal
-import sys
 import time
-from typing import Any
+from collections.abc import Mapping
 
-from rxfilterd.config import MqttSettings
-from rxfilterd.publisher import BrokerError, FleetMessage, read_fleet
+from rxfilterd.mqtt_topics import FleetMessage
+from rxfilterd.records import FLEET_COLUMNS, format_table
 
-COLUMNS = [
-    "host",
-    "status",
-    "domain",
-    "alias",
-    "ifname",
-    "trust",
-    "trust_source",
-    "action",
-    "mac",
-    "result",
-    "last_sync",
-]
+# A decoded payload: a JSON object, nothing about it checked yet.
+Payload = Mapping[str, object]
 
 
-def run(settings: MqttSettings, *, follow: bool) -> bool:
-    """Print the table (then, with FOLLOW, live lines until Ctrl-C); False if the broker fails."""
-    try:
-        return asyncio.run(_show(settings, follow))
-    except KeyboardInterrupt:  # Ctrl-C before the handler is in place
-        return True
-
-
-async def _show(settings: MqttSettings, follow: bool) -> bool:
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
-    live = LiveFormatter()
-
-    def snapshot(messages: list[FleetMessage]) -> None:
-        print(format_table(rows(messages)), flush=True)
-
-    def event(message: FleetMessage) -> None:
-        line = live.line(message)
-        if line is not None:
-            print(line, flush=True)
-
-    try:
-        await read_fleet(settings, follow=follow, on_snapshot=snapshot, on_live=event, stop=stop)
-    except BrokerError as exc:
-        print(f"rxfilterd: fleet: {exc}", file=sys.stderr)
-        return False
-    return True
-
-
-def decode(payload: bytes) -> dict[str, Any] | None:
+def decode(payload: bytes) -> Payload | None:
     """A JSON object payload, else None."""
     try:
         value = json.loads(payload)
@@ -79,13 +36,13 @@ def status_word(payload: bytes) -> str:
     return text or "?"
 
 
-def _clock(value: Any) -> str:
+def _clock(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return ""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -96,7 +53,7 @@ def _text(value: Any) -> str:
 def rows(messages: list[FleetMessage]) -> list[dict[str, str]]:
     """One row per NIC, plus one per host that has a status but no NIC."""
     status: dict[str, str] = {}
-    nics: dict[tuple[str, str, str], dict[str, Any]] = {}
+    nics: dict[tuple[str, str, str], Payload] = {}
     for message in messages:
         topic = message.topic
         if topic.kind == "status":
@@ -107,52 +64,43 @@ def rows(messages: list[FleetMessage]) -> list[dict[str, str]]:
     for (host, domain, alias), state in nics.items():
         host_state = state.get("host")
         mac = host_state.get("mac") if isinstance(host_state, dict) else None
+        row = {c: _text(state.get(c)) for c in FLEET_COLUMNS}
         out.append(
-            {
-                "host": host,
-                "status": status.get(host, "?"),
-                "domain": domain,
-                "alias": alias,
-                "ifname": _text(state.get("ifname")),
-                "trust": _text(state.get("trust")),
-                "trust_source": _text(state.get("trust_source")),
-                "action": _text(state.get("action")),
-                "mac": _text(mac),
-                "result": _text(state.get("result")),
-                "last_sync": _clock(state.get("last_sync")),
-            }
+            row
+            | {"host": host, "status": status.get(host, "?"), "domain": domain, "alias": alias}
+            | {"mac": _text(mac), "last_sync": _clock(state.get("last_sync"))}
         )
     with_nics = {key[0] for key in nics}
     for host, word in status.items():
         if host not in with_nics:
-            out.append({c: "" for c in COLUMNS} | {"host": host, "status": word})
+            out.append({c: "" for c in FLEET_COLUMNS} | {"host": host, "status": word})
     out.sort(key=lambda r: (r["host"], r["domain"], r["alias"]))
     return out
 
 
-def format_table(table: list[dict[str, str]]) -> str:
-    if not table:
+def table(fleet_rows: list[dict[str, str]]) -> str:
+    if not fleet_rows:
         return "no rxfilterd hosts on this broker under this topic prefix"
-    widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in COLUMNS}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in COLUMNS).rstrip()]
-    for row in table:
-        lines.append("  ".join(row[c].ljust(widths[c]) for c in COLUMNS).rstrip())
-    return "\n".join(lines)
+    return format_table(FLEET_COLUMNS, fleet_rows)
 
 
-def _value(value: Any) -> str:
+def _value(value: object) -> str:
     if isinstance(value, list):
         return "[" + ",".join(str(v) for v in value) + "]"
     return _text(value) or "-"
 
 
-def _details(event: dict[str, Any]) -> str:
+def _list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []
+
+
+def _details(event: Payload) -> str:
     kind = event.get("event")
     if kind in ("applied", "would-apply"):
         field = event.get("field", "?")
         if "added" in event or "removed" in event:
-            added = " ".join(f"+{m}" for m in event.get("added") or [])
-            removed = " ".join(f"-{m}" for m in event.get("removed") or [])
+            added = " ".join(f"+{m}" for m in _list(event.get("added")))
+            removed = " ".join(f"-{m}" for m in _list(event.get("removed")))
             change = " ".join(p for p in (added, removed) if p) or "(no entries)"
             return f"{field} {change}"
         return f"{field} {_value(event.get('old'))} -> {_value(event.get('new'))}"

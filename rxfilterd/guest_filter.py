@@ -7,8 +7,9 @@ trust either), so every field is type-checked and bounded before anything uses i
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Literal, TypeVar, cast
 
 from rxfilterd.mac import MacError, is_multicast, is_zero, parse_mac
 
@@ -23,6 +24,8 @@ VLAN_ID_MAX = 4095
 MAX_REPLY_BYTES = 256 * 1024
 
 _T = TypeVar("_T")
+# A JSON object as QEMU (and so the guest) sent it: nothing about it checked yet.
+Raw = Mapping[str, object]
 
 
 class GuestFilterError(ValueError):
@@ -47,7 +50,7 @@ class GuestFilter:
     unicast_table: frozenset[str]
     vlan_table: frozenset[int]
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, str | bool | list[str] | list[int]]:
         """A JSON-friendly view, sorted so equal filters print equally."""
         return {
             "main_mac": self.main_mac,
@@ -90,7 +93,7 @@ def parse_entry(entry: object) -> GuestFilter:
     """Validate one element of query-rx-filter's list."""
     if not isinstance(entry, dict):
         raise GuestFilterError("entry is not a JSON object")
-    raw = cast(dict[str, Any], entry)
+    raw = cast(Raw, entry)
     name = _field(raw, "name", str)
     if not 0 < len(name) <= 64:
         raise GuestFilterError("name: length must be 1..64")
@@ -126,7 +129,7 @@ def parse_entry(entry: object) -> GuestFilter:
     )
 
 
-def _field(raw: dict[str, Any], key: str, kind: type[_T]) -> _T:
+def _field(raw: Raw, key: str, kind: type[_T]) -> _T:
     if key not in raw:
         raise GuestFilterError(f"{key}: missing")
     value = raw[key]
@@ -136,28 +139,28 @@ def _field(raw: dict[str, Any], key: str, kind: type[_T]) -> _T:
     return value
 
 
-def _mode(raw: dict[str, Any], key: str) -> RxMode:
+def _mode(raw: Raw, key: str) -> RxMode:
     value = _field(raw, key, str)
     if value not in _RX_MODES:
         raise GuestFilterError(f"{key}: {value!r:.20} is not one of normal, none, all")
     return cast(RxMode, value)
 
 
-def _mac(raw: dict[str, Any], key: str) -> str:
+def _mac(raw: Raw, key: str) -> str:
     try:
         return parse_mac(_field(raw, key, str))
     except MacError as exc:
         raise GuestFilterError(f"{key}: {exc}") from None
 
 
-def _list(raw: dict[str, Any], key: str, limit: int) -> list[Any]:
+def _list(raw: Raw, key: str, limit: int) -> list[object]:
     value = _field(raw, key, list)
     if len(value) > limit:
         raise GuestFilterError(f"{key}: {len(value)} entries, over {limit}")
     return value
 
 
-def _mac_table(raw: dict[str, Any], key: str) -> list[str]:
+def _mac_table(raw: Raw, key: str) -> list[str]:
     macs = []
     for index, item in enumerate(_list(raw, key, MAC_TABLE_ENTRIES)):
         try:
@@ -167,7 +170,7 @@ def _mac_table(raw: dict[str, Any], key: str) -> list[str]:
     return macs
 
 
-def _vlan_table(raw: dict[str, Any]) -> frozenset[int]:
+def _vlan_table(raw: Raw) -> frozenset[int]:
     vids = set()
     for index, item in enumerate(_list(raw, "vlan-table", VLAN_ID_MAX + 1)):
         if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item <= VLAN_ID_MAX:

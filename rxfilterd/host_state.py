@@ -43,7 +43,7 @@ class HostState:
     lower: str = ""
     lower_vlan_filter: LowerVlanFilter = "unknown"
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, str | bool | list[str] | list[int]]:
         return {
             "ifname": self.ifname,
             "mode": self.mode,

@@ -96,12 +96,16 @@ CONNECT_TIMEOUT = 10.0
 QUERY_CONNECTIONS = 3
 
 
+# libvirt's domain handles by UUID (libvirt-python has no type hints: Any to mypy).
+DomainHandles = dict[str, "libvirt.virDomain"]
+
+
 @dataclass
 class _QueryConnection:
     conn: Any
     in_flight: int = 0
     # virDomain handles belong to one connection, so each keeps its own.
-    domains: dict[str, Any] = field(default_factory=dict)
+    domains: DomainHandles = field(default_factory=dict)
 
 
 _event_impl_lock = threading.Lock()
@@ -240,7 +244,7 @@ class Hypervisor:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
         self._conn: Any = None
         self._domain_locks: dict[str, asyncio.Lock] = {}
-        self._domains: dict[str, Any] = {}
+        self._domains: DomainHandles = {}
         self._queries: list[_QueryConnection] = []
         # libvirt's version, packed (major * 1e6 + minor * 1e3 + micro); 0 until connected.
         self.version = 0
@@ -391,7 +395,7 @@ class Hypervisor:
                 self._tracer.step("query", alias, started, time.time())
 
     def _monitor_command(
-        self, conn: Any, domains: dict[str, Any], uuid: str, alias: str, command: str
+        self, conn: Any, domains: DomainHandles, uuid: str, alias: str, command: str
     ) -> str:
         # In a pool thread.
         started = time.time() if self._tracer is not None else 0.0

@@ -14,6 +14,7 @@ from rxfilterd.nic import DomainXmlError, Nic, Verdict, classify, parse_domain_n
 from rxfilterd.plan import handling
 from rxfilterd.policy import SyncPolicy
 from rxfilterd.ports import HostNetworkPort, HypervisorPort, TrustLookups
+from rxfilterd.records import NicRow
 from rxfilterd.trust import (
     NetworkTrust,
     Trust,
@@ -23,20 +24,6 @@ from rxfilterd.trust import (
     resolve_trust,
 )
 
-# The `explain` columns, in order: exactly the keys of NicReport.row().
-EXPLAIN_KEYS = (
-    "domain",
-    "alias",
-    "ifname",
-    "current_mac",
-    "model",
-    "type",
-    "trust",
-    "trust_source",
-    "action",
-    "reason",
-)
-
 
 @dataclass(frozen=True)
 class NicReport:
@@ -44,20 +31,20 @@ class NicReport:
     trust: Trust
     verdict: Verdict
 
-    def row(self) -> dict[str, str]:
-        """The `explain` record: exactly these keys."""
-        return {
-            "domain": self.nic.domain,
-            "alias": self.nic.alias,
-            "ifname": self.nic.ifname or "",
-            "current_mac": self.nic.current_mac or "",
-            "model": self.nic.model or "",
-            "type": self.nic.type,
-            "trust": self.trust.word,
-            "trust_source": self.trust.source,
-            "action": self.verdict.action,
-            "reason": "; ".join(filter(None, (self.verdict.reason, self.trust.note))),
-        }
+    def row(self) -> NicRow:
+        """The NIC as `explain` lists it."""
+        return NicRow(
+            domain=self.nic.domain,
+            alias=self.nic.alias,
+            ifname=self.nic.ifname or "",
+            current_mac=self.nic.current_mac or "",
+            model=self.nic.model or "",
+            type=self.nic.type,
+            trust=self.trust.word,
+            trust_source=self.trust.source,
+            action=self.verdict.action,
+            reason="; ".join(filter(None, (self.verdict.reason, self.trust.note))),
+        )
 
 
 class TrustResolver:

@@ -42,6 +42,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from rxfilterd.records import DECISION_EVENTS
+
 __all__ = [
     "IDENTIFIER",
     "JOURNAL_SOCKET",
@@ -78,16 +80,9 @@ _PRIORITIES: dict[str, int] = {
 }
 _DEFAULT_PRIORITY = 6
 
-# Event keys with a fixed journal name; everything else is upper-cased and sanitised.
+# Event keys with a fixed journal name; everything else (a decision's domain, alias,
+# ifname, field, old, new, ...: rxfilterd.records) is upper-cased and sanitised.
 _KEY_FIELDS: dict[str, str] = {
-    "domain": "DOMAIN",
-    "alias": "ALIAS",
-    "ifname": "IFNAME",
-    "action": "ACTION",
-    "field": "FIELD",
-    "old": "OLD",
-    "new": "NEW",
-    "trust_source": "TRUST_SOURCE",
     # Names structlog's CallsiteParameterAdder produces -> journald's well-known fields.
     "pathname": "CODE_FILE",
     "lineno": "CODE_LINE",
@@ -252,7 +247,11 @@ class JournalRenderer:
             ("SYSLOG_IDENTIFIER", self.sender.identifier),
         ]
         if "event" in event_dict:
-            pairs.append(("EVENT", _encode_value(event_dict["event"])))
+            event = _encode_value(event_dict["event"])
+            pairs.append(("EVENT", event))
+            if event in DECISION_EVENTS:
+                # A decision's name is also ACTION: `journalctl ACTION=applied` (README).
+                pairs.append(("ACTION", event))
         for key, value in event_dict.items():
             if key in ("event", "level", "exception", "exc_info"):
                 continue

@@ -12,10 +12,9 @@ import collections
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import rxfilterd
-from rxfilterd.records import Decision, NicState
+from rxfilterd.records import Decision, JsonObject, NicState
 from rxfilterd.stats import Stats
 
 # How many refusals and errors `status` shows, newest last.
@@ -23,7 +22,7 @@ RECENT = 20
 # A status answer lists at most this many NICs (and says how many it left out).
 MAX_NICS = 1000
 
-# The keys of a decision worth showing in a recent refusal or error.
+# The keys of a decision worth showing in a recent refusal or error (Decision.payload's).
 _KEYS = (
     "time",
     "event",
@@ -49,19 +48,19 @@ class LiveState:
         self.uri = uri
         self.started = time.time() if started is None else started
         self.nics: dict[tuple[str, str], NicState] = {}
-        self.refusals: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
-        self.errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        # Kept as they came (frozen); rendered only when status is asked.
+        self.refusals: collections.deque[Decision] = collections.deque(maxlen=RECENT)
+        self.errors: collections.deque[Decision] = collections.deque(maxlen=RECENT)
         self.decisions: collections.Counter[str] = collections.Counter()
         # Sections the app adds (mqtt, metrics), each read when status is asked.
-        self.sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.sections: dict[str, Callable[[], JsonObject]] = {}
 
-    def decision(self, record: Decision) -> None:
-        event = str(record.get("event", ""))
-        self.decisions[event] += 1
-        if event == "refused":
-            self.refusals.append(_brief(record))
-        elif event in _ERRORS:
-            self.errors.append(_brief(record))
+    def decision(self, decision: Decision) -> None:
+        self.decisions[decision.event] += 1
+        if decision.event == "refused":
+            self.refusals.append(decision)
+        elif decision.event in _ERRORS:
+            self.errors.append(decision)
 
     def nic_state(self, domain: str, alias: str, state: NicState | None) -> None:
         if state is None:
@@ -69,7 +68,7 @@ class LiveState:
         else:
             self.nics[(domain, alias)] = state
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> JsonObject:
         """The status answer: plain JSON values, bounded in size."""
         stats, now = self.stats, time.time()
         keys = sorted(self.nics)
@@ -95,12 +94,14 @@ class LiveState:
                 "decisions": dict(sorted(self.decisions.items())),
             },
             **{name: section() for name, section in self.sections.items()},
-            "nics": [self.nics[key] for key in keys[:MAX_NICS]],
+            # Each as its retained MQTT payload has it (docs/mqtt.md).
+            "nics": [self.nics[key].payload() for key in keys[:MAX_NICS]],
             "nics_left_out": max(0, len(keys) - MAX_NICS),
-            "recent_refusals": list(self.refusals),
-            "recent_errors": list(self.errors),
+            "recent_refusals": [_brief(d) for d in self.refusals],
+            "recent_errors": [_brief(d) for d in self.errors],
         }
 
 
-def _brief(record: Decision) -> dict[str, Any]:
-    return {key: record[key] for key in _KEYS if key in record}
+def _brief(decision: Decision) -> JsonObject:
+    payload = decision.payload()
+    return {key: payload[key] for key in _KEYS if key in payload}

@@ -42,7 +42,6 @@ def configure(level: str = "info", fmt: LogFormat = "auto", stream: TextIO | Non
         ]
     else:
         processors += [
-            _drop_echoed_action,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0),
         ]
@@ -53,10 +52,3 @@ def configure(level: str = "info", fmt: LogFormat = "auto", stream: TextIO | Non
         cache_logger_on_first_use=False,
     )
     return fmt
-
-
-def _drop_echoed_action(_logger: Any, _method: str, event_dict: Any) -> Any:
-    """On the console, `applied action=applied` says the same thing twice."""
-    if event_dict.get("action") == event_dict.get("event"):
-        del event_dict["action"]
-    return event_dict

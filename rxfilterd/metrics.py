@@ -13,7 +13,6 @@ host's series stay a few dozen whatever its guests do.
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
@@ -49,7 +48,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-# A sync's result is the first word of NicState's "result" ("failed: ..." -> failed).
+# A sync's result is the first word of NicState.result ("failed: ..." -> failed).
 SYNC_RESULTS = ("ok", "dry-run", "failed", "rejected", "stopped")
 FIELDS = ("mac", "promiscuous", "multicast", "allmulti", "unicast", "vlan")
 
@@ -147,8 +146,8 @@ class DaemonMetrics:
         )
         self.decisions = Counter(
             "rxfilterd_decisions",
-            "decisions logged, by action (applied, refused, drift, failed, ...)",
-            ["action"],
+            "decisions logged, by event (applied, refused, drift, failed, ...)",
+            ["event"],
             registry=r,
         )
         self.event_to_write = Histogram(
@@ -182,8 +181,8 @@ class DaemonMetrics:
                     self.nics.labels(trust=trust, action=action)
             self.retries.inc(0)
         self.events.labels(kind="rx_filter_changed")
-        # NIC (domain, alias) -> its (trust, action) and the last sync seen ended.
-        self._nics: dict[tuple[str, str], tuple[str, str, Any]] = {}
+        # NIC (domain, alias) -> its (trust, action) and when the last sync seen ended.
+        self._nics: dict[tuple[str, str], tuple[str, str, float | None]] = {}
         self._nic_counts: collections.Counter[tuple[str, ...]] = collections.Counter()
         # NIC -> QEMU's timestamp of the earliest event no sync has answered yet.
         self._pending: dict[tuple[str, str], float] = {}
@@ -197,26 +196,23 @@ class DaemonMetrics:
         return {"domain": domain} if self.domain_label else {}
 
     # The decision sink.
-    def decision(self, record: Decision) -> None:
-        action = str(record.get("event", ""))
-        self.decisions.labels(action=action).inc()
-        by = self._by(str(record.get("domain", "")))
-        if action == "applied":
-            self.applied.labels(**by, field=str(record.get("field", ""))).inc()
-            key = (str(record.get("domain", "")), str(record.get("alias", "")))
+    def decision(self, decision: Decision) -> None:
+        self.decisions.labels(event=decision.event).inc()
+        by = self._by(decision.domain)
+        if decision.event == "applied" and decision.change is not None:
+            self.applied.labels(**by, field=decision.change.field).inc()
+            key = (decision.domain, decision.alias)
             if key not in self._observed:
                 self._observed.add(key)
                 since = self._pending.pop(key, None)
                 if since is not None:
-                    at = float(record.get("time", time.time()))
-                    self.event_to_write.observe(max(0.0, at - since))
-        elif action == "refused":
-            self.refusals.labels(
-                **by, field=str(record.get("field", "")), reason=str(record.get("reason", ""))
-            ).inc()
-        elif action == "failed":
+                    self.event_to_write.observe(max(0.0, decision.time - since))
+        elif decision.event == "refused" and decision.refusal is not None:
+            refusal = decision.refusal
+            self.refusals.labels(**by, field=refusal.field, reason=refusal.reason).inc()
+        elif decision.event == "failed":
             self.failures.labels(
-                **by, stage=str(record.get("stage", "")), reason=str(record.get("reason", ""))
+                **by, stage=decision.stage or "", reason=decision.reason or ""
             ).inc()
 
     # The state sink.
@@ -229,18 +225,17 @@ class DaemonMetrics:
             self._pending.pop(key, None)
             self._observed.discard(key)
             return
-        trust, action = str(state.get("trust", "")), str(state.get("action", ""))
-        last_sync = state.get("last_sync")
-        self._nics[key] = (trust, action, last_sync)
+        trust, action = state.row.trust, state.row.action
+        self._nics[key] = (trust, action, state.last_sync)
         self._count(domain, trust, action, +1)
-        if last_sync is not None and (before is None or before[2] != last_sync):
+        if state.last_sync is not None and (before is None or before[2] != state.last_sync):
             self._sync_ended(key, state)
 
     def _sync_ended(self, key: tuple[str, str], state: NicState) -> None:
         by = self._by(key[0])
-        result = str(state.get("result", "")).split(":", 1)[0]
+        result = state.result.split(":", 1)[0]
         self.syncs.labels(**by, result=result).inc()
-        if state.get("cause") == "retry":
+        if state.cause == "retry":
             (self.retries.labels(**by) if by else self.retries).inc()
         self._observed.discard(key)
         # Events up to the end of this sync's query are answered by it; a later one

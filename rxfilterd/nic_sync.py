@@ -10,8 +10,8 @@ import asyncio
 import errno
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import structlog
 
@@ -21,8 +21,9 @@ from rxfilterd.guest_filter import GuestFilter, GuestFilterError, parse_reply
 from rxfilterd.host_state import HostState, MacvtapError
 from rxfilterd.inventory import NicReport, TrustResolver
 from rxfilterd.nic import DomainXmlError, Nic, parse_domain_nics
-from rxfilterd.plan import AddressListChange, Change, Plan, host_after, make_plan
-from rxfilterd.ports import HostNetworkPort, HypervisorPort
+from rxfilterd.plan import Change, Plan, host_after, make_plan
+from rxfilterd.ports import DecisionSink, HostNetworkPort, HypervisorPort
+from rxfilterd.records import Decision, DecisionEvent, Level
 from rxfilterd.stats import Stats
 from rxfilterd.worker import CoalescingWorker
 
@@ -36,12 +37,6 @@ QUERY_SETTLE = 0.25
 SyncOutcome = Literal["ok", "retry", "stale"]
 
 
-class Decide(Protocol):
-    """Takes one decision: a log line, and the same record to every sink."""
-
-    def __call__(self, event: str, *, level: str = "info", **fields: Any) -> None: ...
-
-
 @dataclass
 class NicSync:
     """What the daemon keeps per synced NIC."""
@@ -51,26 +46,14 @@ class NicSync:
     failures: int = 0
     last_failure: tuple[str, str] | None = None
     refused: set[tuple[str, str]] = field(default_factory=set)
-    guest: dict[str, Any] | None = None
-    host: dict[str, Any] | None = None
+    guest: GuestFilter | None = None
+    host: HostState | None = None
     last_sync: float | None = None
     # What started the last sync: start, event, resync, retry, reset, ...
     last_cause: str | None = None
     result: str = "pending"
     noted: set[str] = field(default_factory=set)
     synced_once: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def change_fields(change: Change) -> dict[str, Any]:
-    if isinstance(change, AddressListChange):
-        return {
-            "field": change.field,
-            "old": sorted(change.old),
-            "new": sorted(change.new),
-            "added": sorted(change.add),
-            "removed": sorted(change.remove),
-        }
-    return {"field": change.field, "old": change.old, "new": change.new}
 
 
 def retry_delay(failures: int, retry_max: float) -> float:
@@ -92,8 +75,14 @@ class _Attempt:
     in_flight: str | None = None
     pending: list[str] = field(default_factory=list)
 
-    @property
-    def where(self) -> dict[str, Any]:
+    def decision(self, event: DecisionEvent, level: Level = "info") -> Decision:
+        """A decision about this NIC; the caller adds what it is about."""
+        nic = self.nic.report.nic
+        return Decision(
+            event=event, level=level, domain=nic.domain, alias=nic.alias, ifname=nic.ifname
+        )
+
+    def log_fields(self) -> dict[str, str | None]:
         nic = self.nic.report.nic
         return {"domain": nic.domain, "alias": nic.alias, "ifname": nic.ifname}
 
@@ -105,7 +94,7 @@ class NicSyncer:
         self,
         network: HostNetworkPort,
         stats: Stats,
-        decide: Decide,
+        decide: DecisionSink,
         *,
         query_settle: float = QUERY_SETTLE,
     ) -> None:
@@ -185,17 +174,17 @@ class NicSyncer:
         """Shutdown (or the NIC went) with this sync in flight: say what it leaves."""
         half = bool(attempt.applied) or attempt.in_flight is not None
         # Only shutdown leaves work that was wanted; a NIC that went needs nothing.
-        level = "warning" if half else "info" if shutting_down else "debug"
+        level: Level = "warning" if half else "info" if shutting_down else "debug"
         self.decide(
-            "abandoned",
-            level=level,
-            **attempt.where,
-            stage=attempt.stage,
-            cause=attempt.cause,
-            applied=attempt.applied,
-            # Sent to the kernel, answer not seen: it may or may not have landed.
-            in_flight=attempt.in_flight,
-            pending=attempt.pending,
+            replace(
+                attempt.decision("abandoned", level),
+                stage=attempt.stage,
+                cause=attempt.cause,
+                applied=tuple(attempt.applied),
+                # Sent to the kernel, answer not seen: it may or may not have landed.
+                in_flight=attempt.in_flight,
+                pending=tuple(attempt.pending),
+            )
         )
 
     async def _steps(
@@ -208,7 +197,7 @@ class NicSyncer:
         guest = await self._query(attempt)
         if not isinstance(guest, GuestFilter):
             return guest
-        nic.guest = guest.summary()
+        nic.guest = guest
         attempt.stage = "read"
         try:
             host = await host_read
@@ -217,7 +206,7 @@ class NicSyncer:
         if host is None:
             gone = f"{nic.report.nic.ifname}: macvtap is gone"
             return self._failed(attempt, "read", gone, "gone")
-        nic.host = host.summary()
+        nic.host = host
         attempt.stage = "trust"
         try:
             why_not = await current
@@ -227,7 +216,7 @@ class NicSyncer:
             # Not one write for a NIC libvirt no longer trusts (or that is not the
             # device we synced any more); the daemon re-reads the domain.
             nic.result = f"stopped: {why_not}"
-            log.info("not ours any more", **attempt.where, why=why_not, cause=attempt.cause)
+            log.info("not ours any more", **attempt.log_fields(), why=why_not, cause=attempt.cause)
             return "stale"
         plan = _plan(attempt, guest, host, self.stats, self.decide)
         return await self._apply(attempt, host, plan)
@@ -243,7 +232,7 @@ class NicSyncer:
             # A domain being destroyed fails the query with a monitor error before
             # libvirt calls it gone: not a failure of ours (its stop event cleans up).
             if exc.gone or not await self._still_running(attempt.hypervisor, synced.uuid):
-                log.debug("domain gone during query", **attempt.where, error=str(exc))
+                log.debug("domain gone during query", **attempt.log_fields(), error=str(exc))
                 return "ok"
             return self._failed(attempt, "query", str(exc), "libvirt")
         try:
@@ -251,7 +240,7 @@ class NicSyncer:
         except GuestFilterError as exc:
             # Hostile or broken: never applied, and not retried until the guest changes.
             attempt.nic.result = f"rejected: {exc}"
-            self.decide("rejected", level="warning", **attempt.where, error=str(exc))
+            self.decide(replace(attempt.decision("rejected", "warning"), error=str(exc)))
             return "ok"
 
     async def _apply(self, attempt: _Attempt, host: HostState, plan: Plan) -> SyncOutcome:
@@ -266,7 +255,7 @@ class NicSyncer:
             attempt.pending.remove(change.field)
             if dry_run:
                 self.decide(
-                    "would-apply", **attempt.where, **change_fields(change), cause=attempt.cause
+                    replace(attempt.decision("would-apply"), change=change, cause=attempt.cause)
                 )
                 continue
             attempt.in_flight = change.field
@@ -280,8 +269,8 @@ class NicSyncer:
                     str(exc),
                     _reason(exc),
                     "error",
-                    **change_fields(change),
-                    pending=list(attempt.pending),
+                    change=change,
+                    pending=tuple(attempt.pending),
                 )
                 if exc.errno is None:
                     break  # the link vanished: nothing more can land on it
@@ -290,12 +279,12 @@ class NicSyncer:
             attempt.applied.append(change.field)
             applied.append(change)
             self.stats.writes += 1
-            self.decide("applied", **attempt.where, **change_fields(change), cause=attempt.cause)
+            self.decide(replace(attempt.decision("applied"), change=change, cause=attempt.cause))
         if applied:
-            attempt.nic.host = host_after(host, applied).summary()  # saves a netlink re-read
+            attempt.nic.host = host_after(host, applied)  # saves a netlink re-read
         log.debug(
             "synced",
-            **attempt.where,
+            **attempt.log_fields(),
             cause=attempt.cause,
             changes=len(plan.changes),
             outcome=outcome,
@@ -308,8 +297,10 @@ class NicSyncer:
         stage: str,
         error: str,
         reason: str,
-        level: str = "warning",
-        **extra: Any,
+        level: Level = "warning",
+        *,
+        change: Change | None = None,
+        pending: tuple[str, ...] | None = None,
     ) -> Literal["retry"]:
         nic, synced = attempt.nic, attempt.nic.report.nic
         self.stats.error(f"{synced.domain}/{synced.alias}: {error}")
@@ -319,16 +310,17 @@ class NicSyncer:
         repeat = nic.failures > 0 and nic.last_failure == (stage, reason)
         nic.last_failure = (stage, reason)
         self.decide(
-            "failed",
-            level="debug" if repeat else level,
-            **attempt.where,
-            stage=stage,
-            reason=reason,
-            **extra,
-            error=error,
-            cause=attempt.cause,
-            attempt=nic.failures + 1,
-            retry_in=retry_delay(nic.failures, attempt.config.sync.retry_max),
+            replace(
+                attempt.decision("failed", "debug" if repeat else level),
+                stage=stage,
+                reason=reason,
+                change=change,
+                pending=pending,
+                error=error,
+                cause=attempt.cause,
+                attempt=nic.failures + 1,
+                retry_in=retry_delay(nic.failures, attempt.config.sync.retry_max),
+            )
         )
         return "retry"
 
@@ -341,7 +333,7 @@ class NicSyncer:
 
 
 def _plan(
-    attempt: _Attempt, guest: GuestFilter, host: HostState, stats: Stats, decide: Decide
+    attempt: _Attempt, guest: GuestFilter, host: HostState, stats: Stats, decide: DecisionSink
 ) -> Plan:
     """The plan, with its refusals, notes and drift said once each."""
     nic, synced = attempt.nic, attempt.nic.report.nic
@@ -351,29 +343,14 @@ def _plan(
     for refusal in plan.refusals:
         if (refusal.field, refusal.value) not in nic.refused:
             nic.refused.add((refusal.field, refusal.value))
-            decide(
-                "refused",
-                level="warning",
-                **attempt.where,
-                field=refusal.field,
-                value=refusal.value,
-                reason=refusal.reason,
-            )
+            decide(replace(attempt.decision("refused", "warning"), refusal=refusal))
     for note in plan.notes:
         if note not in nic.noted:
             nic.noted.add(note)
-            log.info("note", **attempt.where, note=note)
+            log.info("note", **attempt.log_fields(), note=note)
     if attempt.cause == "resync" and plan.changes:
         # Nobody asked for a change, yet the host differs from the guest: drift.
-        fields = [change_fields(c) for c in plan.changes]
-        decide(
-            "drift",
-            level="warning",
-            **attempt.where,
-            fields=[f["field"] for f in fields],
-            found={f["field"]: f["old"] for f in fields},
-            expected={f["field"]: f["new"] for f in fields},
-        )
+        decide(replace(attempt.decision("drift", "warning"), drift=plan.changes))
     return plan
 
 

@@ -1,4 +1,4 @@
-"""MQTT: decisions and NIC state for the fleet view (the only module importing aiomqtt).
+"""MQTT: decisions and NIC state for the fleet view.
 
 The sync path only calls :meth:`Publisher.decision` and :meth:`Publisher.nic_state`,
 which touch memory and return: a slow or absent broker never slows syncing. Events wait
@@ -12,15 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-import os
-import secrets
 import time
-import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Generic, TypeVar
 
 import aiomqtt
 import structlog
@@ -28,111 +22,28 @@ from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt 2.
 
 import rxfilterd
 from rxfilterd.config import MqttSettings
+from rxfilterd.mqtt_client import BrokerHealth, make_client, refusal
+from rxfilterd.mqtt_topics import TopicError, Topics
+from rxfilterd.records import Decision, JsonObject, JsonValue, NicState
 
 log = structlog.get_logger("rxfilterd")
 
-SCHEMA = 1
-# paho connects in a worker thread; a short timeout keeps shutdown from waiting on it.
-CONNECT_TIMEOUT = 2.0
-# CONNACK, PUBACK and DISCONNECT waits.
-OPERATION_TIMEOUT = 5.0
-KEEPALIVE = 30
+# Each payload's schema version (docs/mqtt.md). Events are at 2: they no longer repeat
+# their name as `action` (which is a NIC's verdict, sync or skip, in the NIC state).
+STATUS_SCHEMA = 1
+NIC_SCHEMA = 1
+EVENT_SCHEMA = 2
 # After a (re)connect: how long retained NIC topics from an earlier run take to arrive.
 SWEEP_COLLECT = 1.0
 # Clean shutdown: flush what is pending, then "offline", within about a second.
 CLOSE_FLUSH = 0.5
 CLOSE_BUDGET = 1.0
 
-# paho's own log lines would bypass structlog; this module logs what matters itself.
-_paho_logger = logging.getLogger("rxfilterd.paho")
-_paho_logger.setLevel(logging.CRITICAL)
-
 NicKey = tuple[str, str]
+_T = TypeVar("_T")
 
 
-class TopicError(ValueError):
-    """A name that cannot be one topic level."""
-
-
-class BrokerError(Exception):
-    """The broker cannot be reached or was lost; str() is the message to print."""
-
-
-class BrokerRefused(BrokerError):
-    """The broker answered CONNACK with a refusal (credentials, authorisation)."""
-
-
-# ----------------------------------------------------------------------------- topics
-
-# "/" separates levels, "+" and "#" are wildcards, NUL is forbidden in topics, and "%"
-# is the escape character itself.
-_ESCAPED = frozenset("%/+#\0")
-
-
-def topic_segment(name: str) -> str:
-    """*name* as one topic level: %XX-escapes / + # NUL and %; rejects an empty name."""
-    if not name:
-        raise TopicError("empty name")
-    return "".join(f"%{ord(c):02X}" if c in _ESCAPED else c for c in name)
-
-
-def unescape_segment(segment: str) -> str:
-    return urllib.parse.unquote(segment)
-
-
-@dataclass(frozen=True)
-class Topics:
-    prefix: str
-    host: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix}/{self.host}"
-
-    @property
-    def status(self) -> str:
-        return f"{self.base}/status"
-
-    @property
-    def events(self) -> str:
-        return f"{self.base}/events"
-
-    @property
-    def nic_filter(self) -> str:
-        return f"{self.base}/nic/#"
-
-    def nic(self, domain: str, alias: str) -> str:
-        return f"{self.base}/nic/{topic_segment(domain)}/{topic_segment(alias)}"
-
-
-TopicKind = Literal["status", "events", "nic"]
-
-
-@dataclass(frozen=True)
-class ParsedTopic:
-    host: str
-    kind: TopicKind
-    domain: str = ""
-    alias: str = ""
-
-
-def parse_topic(prefix: str, topic: str) -> ParsedTopic | None:
-    """The host (and NIC) of one of our topics under *prefix*; None for anything else."""
-    if not topic.startswith(prefix + "/"):
-        return None
-    parts = topic[len(prefix) + 1 :].split("/")
-    if len(parts) == 2 and parts[1] in ("status", "events") and parts[0]:
-        kind: TopicKind = "status" if parts[1] == "status" else "events"
-        return ParsedTopic(parts[0], kind)
-    if len(parts) == 4 and parts[1] == "nic" and all(parts):
-        return ParsedTopic(parts[0], "nic", unescape_segment(parts[2]), unescape_segment(parts[3]))
-    return None
-
-
-# ----------------------------------------------------------------------------- queue
-
-
-class EventQueue:
+class EventQueue(Generic[_T]):
     """Bounded FIFO that drops its oldest item when full and counts what it dropped."""
 
     def __init__(self, size: int) -> None:
@@ -140,18 +51,18 @@ class EventQueue:
             raise ValueError("queue size must be at least 1")
         self.size = size
         self.dropped = 0
-        self._items: deque[dict[str, Any]] = deque()
+        self._items: deque[_T] = deque()
 
-    def put(self, item: dict[str, Any]) -> None:
+    def put(self, item: _T) -> None:
         if len(self._items) >= self.size:
             self._items.popleft()
             self.dropped += 1
         self._items.append(item)
 
-    def get(self) -> dict[str, Any] | None:
+    def get(self) -> _T | None:
         return self._items.popleft() if self._items else None
 
-    def unget(self, item: dict[str, Any]) -> None:
+    def unget(self, item: _T) -> None:
         """Put back an item whose publish failed; dropped instead if newer ones filled it."""
         if len(self._items) >= self.size:
             self.dropped += 1
@@ -162,41 +73,41 @@ class EventQueue:
         return len(self._items)
 
 
-def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str).encode()
+def event_payload(decision: Decision, seq: int, dropped: int) -> bytes:
+    """An events message: the decision, its number in this run, and the drops so far."""
+    fields = decision.payload()
+    return _json({**fields, "schema": EVENT_SCHEMA, "seq": seq, "dropped": dropped})
 
 
-def _make_client(
-    settings: MqttSettings, identifier: str, will: aiomqtt.Will | None = None
-) -> aiomqtt.Client:
-    client = aiomqtt.Client(
-        settings.host,
-        settings.port,
-        username=settings.username,
-        password=settings.password,
-        identifier=identifier,
-        will=will,
-        clean_session=True,
-        timeout=OPERATION_TIMEOUT,
-        keepalive=KEEPALIVE,
-        tls_context=settings.ssl_context(),
-        logger=_paho_logger,
-    )
-    # aiomqtt has no option for it; paho's default (5 s) would outlast the exit budget.
-    client._client.connect_timeout = CONNECT_TIMEOUT
-    return client
+def nic_payload(state: NicState | None) -> bytes:
+    """A NIC's retained message; empty (which clears the topic) once the NIC is gone."""
+    return b"" if state is None else _json({**state.payload(), "schema": NIC_SCHEMA})
 
 
-def _refusal(settings: MqttSettings, exc: aiomqtt.MqttError) -> str:
-    reason = str(exc)
-    text = f"broker {settings.host}:{settings.port} refused the connection: {reason}"
-    lowered = reason.lower()
-    if "password" in lowered or "authori" in lowered:
-        text += " (check mqtt.username and mqtt.password_file)"
-    return text
+def status_payload(status: str, *, dropped: int, version: str) -> bytes:
+    """A clean status message: online, or offline at shutdown (the will says the rest)."""
+    payload: JsonObject = {
+        "status": status,
+        "time": time.time(),
+        "dropped": dropped,
+        "version": version,
+        "schema": STATUS_SCHEMA,
+    }
+    if status == "offline":
+        payload["reason"] = "shutdown"
+    return _json(payload)
 
 
-# ----------------------------------------------------------------------------- publisher
+# What the broker publishes for us when the connection drops uncleanly.
+WILL_PAYLOAD: JsonObject = {
+    "status": "offline",
+    "reason": "connection lost",
+    "schema": STATUS_SCHEMA,
+}
+
+
+def _json(value: JsonValue) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
 class Publisher:
@@ -205,13 +116,14 @@ class Publisher:
     def __init__(self, settings: MqttSettings) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix, settings.client_id)
-        self.events = EventQueue(settings.queue_size)
-        self.connected = False
+        # Decisions with their sequence numbers, waiting for the broker.
+        self.events: EventQueue[tuple[int, Decision]] = EventQueue(settings.queue_size)
+        self.health = BrokerHealth(settings, self.topics.base)
         self.published = 0
         # Read here, at start-up, not on the event loop once the daemon syncs NICs.
         self._version = rxfilterd.__version__
         # Latest state per NIC; None = gone, kept until its clear has been published.
-        self._latest: dict[NicKey, dict[str, Any] | None] = {}
+        self._latest: dict[NicKey, NicState | None] = {}
         self._dirty: set[NicKey] = set()
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
@@ -221,21 +133,18 @@ class Publisher:
         self._retained_seen: set[str] | None = None
         self._status_dropped = -1
         self._watcher: asyncio.Task[None] | None = None
-        self._down_logged = False
-        self._down_since: float | None = None
-        self._ever_connected = False
         self._bad_names: set[NicKey] = set()
 
     # -- the sync path: never blocks, never raises for broker trouble
 
-    def decision(self, record: dict[str, Any]) -> None:
-        """A Daemon sink: queue one decision record as an event message."""
+    def decision(self, decision: Decision) -> None:
+        """A decision sink: queue one decision as an event message."""
         self._seq += 1
-        self.events.put({**record, "schema": SCHEMA, "seq": self._seq})
+        self.events.put((self._seq, decision))
         self._wake.set()
 
-    def nic_state(self, domain: str, alias: str, state: dict[str, Any] | None) -> None:
-        """A Daemon state sink: remember the NIC's latest state (None: gone)."""
+    def nic_state(self, domain: str, alias: str, state: NicState | None) -> None:
+        """A state sink: remember the NIC's latest state (None: gone)."""
         if self._frozen:
             return
         key = (domain, alias)
@@ -246,9 +155,13 @@ class Publisher:
                 self._bad_names.add(key)
                 log.warning("mqtt: NIC not published", domain=domain, alias=alias, error=str(exc))
             return
-        self._latest[key] = None if state is None else {**state, "schema": SCHEMA}
+        self._latest[key] = state
         self._dirty.add(key)
         self._wake.set()
+
+    @property
+    def connected(self) -> bool:
+        return self.health.connected
 
     def ready(self) -> None:
         """The daemon has published every current NIC: stale retained topics may go."""
@@ -266,60 +179,33 @@ class Publisher:
         backoff = 1.0
         will = aiomqtt.Will(
             self.topics.status,
-            _json({"status": "offline", "reason": "connection lost", "schema": SCHEMA}),
+            _json(WILL_PAYLOAD),
             qos=settings.qos,
             retain=True,
         )
         identifier = settings.client_id
         while not stop.is_set():
             try:
-                client = _make_client(settings, identifier, will)
+                client = make_client(settings, identifier, will)
                 async with client:
-                    self._on_connected()
+                    self.health.up()
                     backoff = 1.0
                     await self._serve(client, stop)
                 return
             except MqttConnectError as exc:
-                self._on_failure(_refusal(settings, exc), refused=True)
+                self.health.down(refusal(settings, exc), refused=True)
             except aiomqtt.MqttError as exc:
-                self._on_failure(str(exc) or type(exc).__name__, refused=False)
+                self.health.down(str(exc) or type(exc).__name__, refused=False)
             except OSError as exc:  # TLS files gone since load, and the like
-                self._on_failure(str(exc), refused=False)
+                self.health.down(str(exc), refused=False)
             except Exception:  # a bug here must not end publishing for good
                 log.exception("mqtt publisher error")
             finally:
-                self.connected = False
+                self.health.connected = False
                 self._watcher = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=backoff)
             backoff = min(backoff * 2, max(settings.reconnect_max, 0.1))
-
-    def _broker(self) -> str:
-        return f"{self.settings.host}:{self.settings.port}"
-
-    def _on_connected(self) -> None:
-        self.connected = True
-        if self._down_logged:
-            down = time.monotonic() - (self._down_since or time.monotonic())
-            log.info("mqtt broker back", broker=self._broker(), down_seconds=round(down, 1))
-        elif not self._ever_connected:
-            log.info("mqtt connected", broker=self._broker(), topics=self.topics.base)
-        self._ever_connected = True
-        self._down_logged = False
-        self._down_since = None
-
-    def _on_failure(self, error: str, *, refused: bool) -> None:
-        # One line when the broker goes away (or refuses us), none per retry.
-        if self._down_logged:
-            return
-        self._down_logged = True
-        self._down_since = time.monotonic()
-        retry = f"retrying with backoff up to {self.settings.reconnect_max:g} s"
-        if refused:
-            log.error("mqtt broker refused the connection", error=error, retry=retry)
-            return
-        lost = "mqtt broker connection lost" if self._ever_connected else "mqtt broker unreachable"
-        log.warning(lost, broker=self._broker(), error=error, retry=retry)
 
     async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         # Raises MqttError as soon as the connection drops, even while we are idle.
@@ -399,7 +285,7 @@ class Publisher:
                     await self._publish(
                         client,
                         self.topics.nic(*key),
-                        b"" if state is None else _json(state),
+                        nic_payload(state),
                         retain=True,
                     )
                 except BaseException:
@@ -409,7 +295,9 @@ class Publisher:
                     self._latest.pop(key, None)
             elif (item := self.events.get()) is not None:
                 try:
-                    payload = _json({**item, "dropped": self.events.dropped})
+                    seq, decision = item
+                    seq, decision = item
+                    payload = event_payload(decision, seq, self.events.dropped)
                     await self._publish(client, self.topics.events, payload, retain=False)
                 except BaseException:
                     self.events.unget(item)
@@ -421,16 +309,8 @@ class Publisher:
 
     async def _publish_status(self, client: aiomqtt.Client, status: str) -> None:
         dropped = self.events.dropped
-        payload: dict[str, Any] = {
-            "status": status,
-            "time": time.time(),
-            "dropped": dropped,
-            "version": self._version,
-            "schema": SCHEMA,
-        }
-        if status == "offline":
-            payload["reason"] = "shutdown"
-        await self._publish(client, self.topics.status, _json(payload), retain=True)
+        payload = status_payload(status, dropped=dropped, version=self._version)
+        await self._publish(client, self.topics.status, payload, retain=True)
         self._status_dropped = dropped
 
     async def _publish(
@@ -462,117 +342,4 @@ class Publisher:
         left = max(0.1, CLOSE_BUDGET - (time.monotonic() - started))
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await asyncio.wait_for(self._publish_status(client, "offline"), timeout=left)
-        log.info("mqtt disconnected", broker=self._broker(), dropped=self.events.dropped)
-
-
-# ----------------------------------------------------------------------------- fleet
-
-
-@dataclass(frozen=True)
-class FleetMessage:
-    topic: ParsedTopic
-    payload: bytes
-    retained: bool
-
-
-async def read_fleet(
-    settings: MqttSettings,
-    *,
-    follow: bool,
-    on_snapshot: Callable[[list[FleetMessage]], None],
-    on_live: Callable[[FleetMessage], None],
-    stop: asyncio.Event,
-    quiet: float = 1.0,
-    total: float = 3.0,
-) -> None:
-    """Collect the retained state of every host, then (with *follow*) live messages.
-
-    Collection ends *quiet* seconds after the last retained message, or after *total*
-    seconds. Raises BrokerRefused / BrokerError with a printable message.
-    """
-    prefix = settings.topic_prefix
-    identifier = f"rxfilterd-fleet-{os.getpid()}-{secrets.token_hex(3)}"
-    try:
-        client = _make_client(settings, identifier)
-        async with client:
-            filters = [f"{prefix}/+/status", f"{prefix}/+/nic/#"]
-            if follow:
-                filters.append(f"{prefix}/+/events")
-            await client.subscribe([(f, settings.qos) for f in filters])
-            messages = client.messages.__aiter__()
-            snapshot, live = await _collect(messages, prefix, quiet, total)
-            on_snapshot(snapshot)
-            if not follow:
-                return
-            for item in live:
-                on_live(item)
-            await _follow(messages, prefix, on_live, stop)
-    except MqttConnectError as exc:
-        raise BrokerRefused(_refusal(settings, exc)) from None
-    except aiomqtt.MqttError as exc:
-        raise BrokerError(f"broker {settings.host}:{settings.port}: {exc}") from None
-    except OSError as exc:
-        raise BrokerError(f"broker {settings.host}:{settings.port}: {exc}") from None
-
-
-async def _collect(
-    messages: AsyncIterator[aiomqtt.Message], prefix: str, quiet: float, total: float
-) -> tuple[list[FleetMessage], list[FleetMessage]]:
-    """The retained messages (the snapshot), and live ones that came meanwhile."""
-    snapshot: list[FleetMessage] = []
-    live: list[FleetMessage] = []
-    started = last = time.monotonic()
-    while True:
-        deadline = min(last + quiet, started + total)
-        timeout = deadline - time.monotonic()
-        if timeout <= 0:
-            break
-        try:
-            message = await asyncio.wait_for(_next(messages), timeout=timeout)
-        except TimeoutError:
-            break
-        parsed = parse_topic(prefix, message.topic.value)
-        if parsed is None:
-            continue
-        item = FleetMessage(parsed, _payload_bytes(message.payload), message.retain)
-        if message.retain:
-            snapshot.append(item)
-            last = time.monotonic()
-        else:
-            live.append(item)
-    return snapshot, live
-
-
-async def _follow(
-    messages: AsyncIterator[aiomqtt.Message],
-    prefix: str,
-    on_live: Callable[[FleetMessage], None],
-    stop: asyncio.Event,
-) -> None:
-    """Every further message of ours to ON_LIVE, until STOP."""
-    stop_wait = asyncio.create_task(stop.wait())
-    try:
-        while not stop.is_set():
-            get = asyncio.create_task(_next(messages))
-            done, _ = await asyncio.wait({get, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                break
-            message = get.result()
-            parsed = parse_topic(prefix, message.topic.value)
-            if parsed is not None:
-                on_live(FleetMessage(parsed, _payload_bytes(message.payload), message.retain))
-    finally:
-        stop_wait.cancel()
-
-
-async def _next(messages: AsyncIterator[aiomqtt.Message]) -> aiomqtt.Message:
-    return await anext(messages)
-
-
-def _payload_bytes(payload: Any) -> bytes:
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    if payload is None:
-        return b""
-    return str(payload).encode()
+        log.info("mqtt disconnected", broker=self.health.broker, dropped=self.events.dropped)

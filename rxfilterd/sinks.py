@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from typing import Any
 
 import structlog
 
@@ -13,7 +11,7 @@ from rxfilterd.inventory import NicReport
 from rxfilterd.libvirt_handler import LIBVIRT_WRITES
 from rxfilterd.nic_sync import NicSync
 from rxfilterd.ports import DecisionSink, StateSink
-from rxfilterd.records import NicState
+from rxfilterd.records import Decision, NicState
 
 log = structlog.get_logger("rxfilterd")
 
@@ -27,27 +25,26 @@ class Sinks:
         self.decisions = tuple(decisions)
         self.states = tuple(states)
 
-    def decide(self, event: str, *, level: str = "info", **fields: Any) -> None:
+    def decide(self, decision: Decision) -> None:
         """One decision: a structured log line, and the same record to every sink."""
-        # ACTION is what the decision was, for `journalctl ACTION=applied`.
-        fields.setdefault("action", event)
-        getattr(log, level)(event, **fields)
-        record = {"event": event, "time": time.time(), **fields}
+        getattr(log, decision.level)(decision.event, **decision.fields())
         for sink in self.decisions:
-            sink(record)
+            sink(decision)
 
     def nic_state(self, report: NicReport, nic: NicSync | None) -> None:
         """The NIC's state now (NIC None: not synced) to every state sink."""
         if not self.states:
             return
-        state: NicState = {
-            **report.row(),
-            "guest": nic.guest if nic else None,
-            "host": nic.host if nic else None,
-            "last_sync": nic.last_sync if nic else None,
-            "cause": nic.last_cause if nic else None,
-            "result": nic.result if nic else "not synced",
-        }
+        state = NicState(report.row())
+        if nic is not None:
+            state = NicState(
+                state.row,
+                guest=nic.guest,
+                host=nic.host,
+                last_sync=nic.last_sync,
+                cause=nic.last_cause,
+                result=nic.result,
+            )
         for sink in self.states:
             sink(report.nic.domain, report.nic.alias, state)
 
@@ -58,22 +55,25 @@ class Sinks:
     def surveyed(self, domain: str, report: NicReport, config: Config) -> None:
         """A NIC of DOMAIN found, or found changed: whether it is synced, and why."""
         nic, verdict = report.nic, report.verdict
-        extra: dict[str, Any] = {}
+        policy = fields = libvirt_writes = None
         if verdict.action == "sync":
-            policy, source = config.policy_for(domain, nic.network, nic.portgroup)
-            extra = {"policy": source, "fields": sorted(policy.fields)}
+            rule, policy = config.policy_for(domain, nic.network, nic.portgroup)
+            fields = tuple(sorted(rule.fields))
             if verdict.libvirt_syncs:
                 # Said at start so nobody expects the policy to bind libvirt.
-                extra["libvirt_writes"] = list(LIBVIRT_WRITES)
-        if report.trust.note:
-            extra["trust_note"] = report.trust.note
+                libvirt_writes = LIBVIRT_WRITES
         self.decide(
-            "syncing" if verdict.action == "sync" else "skipped",
-            domain=domain,
-            alias=nic.alias,
-            ifname=nic.ifname,
-            reason=verdict.reason,
-            trust=report.trust.word,
-            trust_source=report.trust.source,
-            **extra,
+            Decision(
+                event="syncing" if verdict.action == "sync" else "skipped",
+                domain=domain,
+                alias=nic.alias,
+                ifname=nic.ifname,
+                reason=verdict.reason,
+                trust=report.trust.word,
+                trust_source=report.trust.source,
+                trust_note=report.trust.note or None,
+                policy=policy,
+                fields_synced=fields,
+                libvirt_writes=libvirt_writes,
+            )
         )

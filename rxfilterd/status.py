@@ -9,13 +9,17 @@ import json
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 # The daemon answers at once; this covers a loaded host and thousands of NICs.
 TIMEOUT = 10.0
 # The largest answer read (the daemon bounds what it sends well below this).
 MAX_ANSWER = 64 * 1024 * 1024
+
+# A JSON object from the socket, nothing about it checked yet: every field is optional
+# here (another version of the daemon may answer), and reads narrow what they use.
+Answer = Mapping[str, object]
 
 COLUMNS = ("DOMAIN", "ALIAS", "IFNAME", "MAC", "TRUST", "ACTION", "LAST SYNC", "CAUSE", "RESULT")
 
@@ -24,7 +28,7 @@ class StatusError(Exception):
     """No answer from the daemon; str() says why and what to check."""
 
 
-def ask(path: Path, timeout: float = TIMEOUT) -> dict[str, Any]:
+def ask(path: Path, timeout: float = TIMEOUT) -> Answer:
     """The daemon's live state, from its socket at PATH."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -73,51 +77,52 @@ def run(path: Path, *, as_json: bool) -> bool:
     return True
 
 
-def render(answer: dict[str, Any]) -> str:
+def render(answer: Answer) -> str:
     """The text form: a header, one row per NIC, then recent refusals and errors."""
     lines = [
         f"rxfilterd {answer.get('version', '?')}, pid {answer.get('pid', '?')},"
-        f" up {_duration(answer.get('uptime_seconds', 0))}"
+        f" up {_duration(_number(answer.get('uptime_seconds')))}"
     ]
-    for conn in answer.get("connections", []):
+    for conn in _objects(answer.get("connections")):
+        away_since = _number(conn.get("away_since"))
         if conn.get("connected"):
             state = f"connected (libvirt {conn.get('libvirt_version') or '?'})"
-        elif conn.get("away_since"):
-            state = f"away for {_duration(time.time() - conn['away_since'])}, reconnecting"
+        elif away_since:
+            state = f"away for {_duration(time.time() - away_since)}, reconnecting"
         else:
             state = "not connected"
         lines.append(f"libvirt {conn.get('uri')}: {state}")
         if conn.get("last_error"):
             lines.append(f"  last error: {conn['last_error']}")
-    mqtt = answer.get("mqtt")
+    mqtt = _object(answer.get("mqtt"))
     if mqtt:
         state = "connected" if mqtt.get("connected") else "not connected"
         lines.append(f"mqtt {mqtt.get('broker')}: {state}, {mqtt.get('dropped', 0)} events dropped")
-    metrics = answer.get("metrics")
+    metrics = _object(answer.get("metrics"))
     if metrics:
         where = metrics.get("url") or f"not served: {metrics.get('error', '?')}"
         lines.append(f"metrics: {where}")
-    c = answer.get("counters", {})
+    c = _object(answer.get("counters"))
     lines.append(
-        f"{_count(c.get('nics_synced', 0), 'NIC')} synced; {c.get('queries', 0)} queries,"
-        f" {c.get('syncs', 0)} syncs, {c.get('changes_applied', 0)} changes applied"
+        f"{_count(int(_number(c.get('nics_synced'))), 'NIC')} synced; {c.get('queries', 0)}"
+        f" queries, {c.get('syncs', 0)} syncs, {c.get('changes_applied', 0)} changes applied"
     )
-    rows = [_row(nic) for nic in answer.get("nics", [])]
+    rows = [_row(nic) for nic in _objects(answer.get("nics"))]
     lines.append("")
     lines += _table([COLUMNS, *rows]) if rows else ["no NICs in running domains"]
     if answer.get("nics_left_out"):
         lines.append(f"... and {answer['nics_left_out']} more NICs (--json has the same limit)")
     for title, key in (("recent refusals", "recent_refusals"), ("recent errors", "recent_errors")):
-        items = answer.get(key) or []
+        items = _objects(answer.get(key))
         if items:
             lines += ["", f"{title}:"]
             lines += [f"  {_recent(item)}" for item in items]
     return "\n".join(lines) + "\n"
 
 
-def _row(nic: dict[str, Any]) -> tuple[str, ...]:
-    host = nic.get("host") or {}
-    when = nic.get("last_sync")
+def _row(nic: Answer) -> tuple[str, ...]:
+    host = _object(nic.get("host"))
+    when = _number(nic.get("last_sync"))
     return (
         str(nic.get("domain", "")),
         str(nic.get("alias", "")),
@@ -131,8 +136,8 @@ def _row(nic: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-def _recent(item: dict[str, Any]) -> str:
-    when = item.get("time")
+def _recent(item: Answer) -> str:
+    when = _number(item.get("time"))
     stamp = time.strftime("%H:%M:%S", time.localtime(when)) if when else "?"
     where = f"{item.get('domain', '?')}/{item.get('alias', '?')}"
     rest = " ".join(
@@ -141,6 +146,23 @@ def _recent(item: dict[str, Any]) -> str:
         if key in item
     )
     return f"{stamp} {item.get('event', '?')} {where} {rest}"
+
+
+def _object(value: object) -> Answer:
+    """VALUE if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _objects(value: object) -> list[Answer]:
+    """The JSON objects in VALUE if it is a list (anything else in it left out)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _number(value: object) -> float:
+    """VALUE if it is a JSON number, else 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value)
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

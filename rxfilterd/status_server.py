@@ -15,9 +15,10 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import structlog
+
+from rxfilterd.records import JsonObject
 
 log = structlog.get_logger("rxfilterd")
 
@@ -31,7 +32,7 @@ MAX_REQUEST = 256
 class StatusServer:
     """Answers on PATH with SNAPSHOT() as JSON."""
 
-    def __init__(self, path: Path, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, path: Path, snapshot: Callable[[], JsonObject]) -> None:
         self.path = path
         self._snapshot = snapshot
         self._server: asyncio.AbstractServer | None = None

@@ -19,7 +19,11 @@ import pytest
 import structlog
 
 from rxfilterd.config import MqttSettings
+from rxfilterd.guest_filter import GuestFilter
+from rxfilterd.host_state import HostState
+from rxfilterd.plan import MacChange, Refusal
 from rxfilterd.publisher import Publisher
+from rxfilterd.records import Decision, DecisionEvent, NicRow, NicState
 from tests.support.daemon import write_config
 from tests.support.guest import skip_or_fail
 from tests.support.mqtt import Listener, Mosquitto, Msg, retained
@@ -43,34 +47,25 @@ def settings(port: int, prefix: str, **overrides: Any) -> MqttSettings:
     return MqttSettings(**values)
 
 
-def record(event: str, domain: str = "web1", alias: str = "net0", **fields: Any) -> dict[str, Any]:
-    return {
-        "event": event,
-        "time": time.time(),
-        "domain": domain,
-        "alias": alias,
-        "ifname": "macvtap3",
-        **fields,
-    }
+def record(
+    event: DecisionEvent, domain: str = "web1", alias: str = "net0", **fields: Any
+) -> Decision:
+    return Decision(event=event, domain=domain, alias=alias, ifname="macvtap3", **fields)
 
 
-def nic_state(mac: str, domain: str = "web1", alias: str = "net0") -> dict[str, Any]:
+def mac_applied(old: str, new: str, **fields: Any) -> Decision:
+    return record("applied", change=MacChange(old, new), **fields)
+
+
+def nic_state(mac: str, domain: str = "web1", alias: str = "net0") -> NicState:
     """Shaped like the daemon's state records."""
-    return {
-        "domain": domain,
-        "alias": alias,
-        "ifname": "macvtap3",
-        "model": "virtio",
-        "type": "ethernet",
-        "trust": "yes",
-        "trust_source": "interface",
-        "action": "sync",
-        "reason": "trusted",
-        "guest": {"main_mac": mac},
-        "host": {"ifname": "macvtap3", "mac": mac},
-        "last_sync": time.time(),
-        "result": "ok",
-    }
+    row = NicRow(domain, alias, "macvtap3", "", "virtio", "ethernet", "yes", "interface", "sync",
+                 "trusted")  # fmt: skip
+    guest = GuestFilter(alias, mac, False, "normal", "normal", "normal", True, False, False,
+                        frozenset({"33:33:00:00:00:01"}), frozenset(), frozenset())  # fmt: skip
+    host = HostState("macvtap3", 7, "bridge", mac, False, False, frozenset(), frozenset(),
+                     frozenset())  # fmt: skip
+    return NicState(row, guest=guest, host=host, last_sync=time.time(), result="ok")
 
 
 @contextlib.asynccontextmanager
@@ -114,15 +109,11 @@ def test_events_and_retained_state_reach_the_broker(shared_broker: int, topic_pr
         publisher = Publisher(settings(shared_broker, topic_prefix))
         with Listener(shared_broker, [f"{topic_prefix}/#"]) as listener:
             async with running(publisher):
-                publisher.decision(
-                    record("applied", field="mac", old=MAC0, new=MAC1, cause="event")
-                )
-                publisher.decision(
-                    record("skipped", alias="net1", action="skip", reason="untrusted")
-                )
+                publisher.decision(mac_applied(MAC0, MAC1, cause="event"))
+                publisher.decision(record("skipped", alias="net1", reason="untrusted", trust="no"))
                 publisher.decision(record("failed", stage="apply", error="EADDRINUSE"))
                 publisher.decision(
-                    record("refused", field="mac", value=MAC1, reason="not in mac_allow")
+                    record("refused", refusal=Refusal("mac", MAC1, "not in mac_allow"))
                 )
                 publisher.nic_state("web1", "net0", nic_state(MAC1))
                 # Names that are not safe topic levels are escaped, never split.
@@ -142,7 +133,7 @@ def test_events_and_retained_state_reach_the_broker(shared_broker: int, topic_pr
         assert applied["domain"] == "web1" and applied["alias"] == "net0"
         assert applied["ifname"] == "macvtap3"
         assert (applied["field"], applied["old"], applied["new"]) == ("mac", MAC0, MAC1)
-        assert applied["dropped"] == 0 and applied["schema"] == 1
+        assert applied["dropped"] == 0 and applied["schema"] == 2 and "action" not in applied
         assert [e["seq"] for e in events] == [1, 2, 3, 4]
         assert events[1]["reason"] == "untrusted" and events[2]["error"] == "EADDRINUSE"
         assert not any(m.retain for m in listener.messages() if m.topic == f"{base}/events")
@@ -151,6 +142,8 @@ def test_events_and_retained_state_reach_the_broker(shared_broker: int, topic_pr
         state = kept[f"{base}/nic/web1/net0"].json()
         assert state["host"]["mac"] == MAC1 and state["result"] == "ok"
         assert state["trust"] == "yes" and state["trust_source"] == "interface"
+        assert state["action"] == "sync" and state["schema"] == 1
+        assert state["guest"]["multicast_table"] == ["33:33:00:00:00:01"]
         assert kept[f"{base}/nic/we%2Fb%2B%232/net0"].json()["domain"] == "we/b+#2"
         offline = after[f"{base}/status"].json()
         assert offline["status"] == "offline" and offline["reason"] == "shutdown"
@@ -197,9 +190,7 @@ def test_queue_overflow_drops_oldest_and_counts(shared_broker: int, topic_prefix
         # The broker is not involved yet: the sync path must never wait.
         started = time.monotonic()
         for i in range(12):
-            publisher.decision(
-                record("applied", field="mac", old=MAC0, new=f"02:00:00:00:00:{i:02x}")
-            )
+            publisher.decision(mac_applied(MAC0, f"02:00:00:00:00:{i:02x}"))
         for i in range(50):  # state is coalesced per NIC, never dropped
             for nic in ("net0", "net1", "net2"):
                 publisher.nic_state("web1", nic, nic_state(f"02:00:00:00:01:{i:02x}", alias=nic))
@@ -239,7 +230,7 @@ def test_broker_restart_republishes_retained_state(tmp_path: Path) -> None:
             async with running(publisher) as task:
                 publisher.nic_state("web1", "net0", nic_state(MAC0))
                 publisher.nic_state("web1", "net1", nic_state(MAC0, alias="net1"))
-                publisher.decision(record("applied", field="mac", old=MAC1, new=MAC0))
+                publisher.decision(mac_applied(MAC1, MAC0))
                 await eventually(lambda: publisher.published >= 4, 5, "first publishes")
                 broker.stop()
                 await eventually(lambda: not publisher.connected, 5, "publisher notices")
@@ -248,7 +239,7 @@ def test_broker_restart_republishes_retained_state(tmp_path: Path) -> None:
                 publisher.nic_state("web1", "net1", None)
                 publisher.nic_state("db1", "net0", nic_state(MAC0, domain="db1"))
                 for _ in range(3):
-                    publisher.decision(record("applied", field="mac", old=MAC0, new=MAC1))
+                    publisher.decision(mac_applied(MAC0, MAC1))
                 await asyncio.sleep(2)  # several reconnect attempts
                 assert not task.done()
                 broker.start()  # same port, and it remembers nothing
@@ -369,7 +360,7 @@ def test_fleet_prints_the_table_and_follows_events(
             proc, out = follow(config)
             try:
                 await _line(out, lambda line: "web1" in line, "the table")
-                publisher.decision(record("applied", field="mac", old=MAC0, new=MAC1))
+                publisher.decision(mac_applied(MAC0, MAC1))
                 line = await _line(out, lambda line: "applied" in line, "the applied event")
                 assert "web1/net0" in line and f"mac {MAC0} -> {MAC1}" in line
                 assert HOST in line
@@ -419,7 +410,7 @@ def test_state_payload_is_json_object(shared_broker: int, topic_prefix: str) -> 
 
     async def main() -> None:
         publisher = Publisher(settings(shared_broker, topic_prefix))
-        state = nic_state(MAC0) | {"guest": {"multicast_table": {"33:33:00:00:00:01"}}}
+        state = nic_state(MAC0)
         async with running(publisher):
             publisher.nic_state("web1", "net0", state)
             await eventually(lambda: publisher.published >= 2, 5, "state published")

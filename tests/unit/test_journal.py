@@ -24,6 +24,9 @@ from rxfilterd.journal import (
     serialize,
     under_journal,
 )
+from rxfilterd.plan import MacChange
+from rxfilterd.records import Decision
+from rxfilterd.sinks import Sinks
 
 Entry = list[tuple[str, bytes]]
 
@@ -252,6 +255,46 @@ def test_structlog_renderer_sends_fields_and_prints_nothing(
     json.loads(entry["NEW"])
     assert out.read_text() == ""
     assert journal.empty()
+
+
+@pytest.mark.usefixtures("reset_structlog")
+def test_a_decision_is_filed_under_its_name_as_event_and_action(
+    journal: Journal, tmp_path: Path
+) -> None:
+    # README: `journalctl -u rxfilterd DOMAIN=web1 ACTION=applied`.
+    _configure(JournalRenderer(JournalSender(journal.path)), tmp_path / "o")
+    change = MacChange("52:54:00:00:00:01", "52:54:00:00:00:02")
+    Sinks().decide(
+        Decision(
+            event="applied",
+            domain="web1",
+            alias="net0",
+            ifname="macvtap3",
+            change=change,
+            cause="event",
+        )
+    )
+    entry = dict(journal.entry())
+    assert entry == {
+        "MESSAGE": (
+            b"applied domain=web1 alias=net0 ifname=macvtap3 field=mac"
+            b" old=52:54:00:00:00:01 new=52:54:00:00:00:02 cause=event"
+        ),
+        "PRIORITY": b"6",
+        "SYSLOG_IDENTIFIER": b"rxfilterd",
+        "EVENT": b"applied",
+        "ACTION": b"applied",
+        "DOMAIN": b"web1",
+        "ALIAS": b"net0",
+        "IFNAME": b"macvtap3",
+        "FIELD": b"mac",
+        "OLD": b"52:54:00:00:00:01",
+        "NEW": b"52:54:00:00:00:02",
+        "CAUSE": b"event",
+    }
+    # A line that is no decision has no ACTION.
+    structlog.get_logger().info("domain event", domain="web1")
+    assert "ACTION" not in dict(journal.entry())
 
 
 @pytest.mark.usefixtures("reset_structlog")

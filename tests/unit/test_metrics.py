@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from typing import Literal
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,14 +15,39 @@ from prometheus_client.parser import text_string_to_metric_families
 import rxfilterd
 from rxfilterd.events import DomainChanged, RxFilterChanged
 from rxfilterd.metrics import DaemonMetrics
+from rxfilterd.nic import Action
+from rxfilterd.plan import AddressListChange, MacChange, Refusal
+from rxfilterd.records import Decision, NicRow, NicState
 from rxfilterd.stats import Stats
 from rxfilterd.tracing import Tracers, combine
 
 T0 = 1_800_000_000.0
 
 
-def state(**fields: Any) -> dict[str, Any]:
-    return {"trust": "yes", "action": "sync", "result": "ok", "cause": "event", **fields}
+MAC = "52:54:00:10:00:01"
+ROW = NicRow("web1", "net0", "macvtap3", MAC, "virtio", "direct", "yes", "port", "sync", "trusted")
+
+
+def state(
+    *,
+    last_sync: float | None,
+    result: str = "ok",
+    cause: str | None = "event",
+    trust: str = "yes",
+    action: Action = "sync",
+) -> NicState:
+    row = dataclasses.replace(ROW, trust=trust, action=action)
+    return NicState(row, last_sync=last_sync, cause=cause, result=result)
+
+
+def applied(at: float, field: Literal["mac", "multicast"] = "mac") -> Decision:
+    none: frozenset[str] = frozenset()
+    change = (
+        MacChange(MAC, MAC) if field == "mac" else AddressListChange(field, none, none, none, none)
+    )
+    return Decision(
+        event="applied", time=at, domain="web1", alias="net0", ifname="macvtap3", change=change
+    )
 
 
 @pytest.fixture
@@ -41,10 +67,8 @@ def test_a_sync_after_an_event_counts_and_times_it(metrics: DaemonMetrics) -> No
     metrics.dispatched(RxFilterChanged("u", "web1", "net0", T0), T0 + 0.001)
     metrics.dispatched(RxFilterChanged("u", "web1", "net0", T0 + 0.002), T0 + 0.003)
     metrics.step("query", "net0", T0 + 0.001, T0 + 0.004)
-    metrics.decision({"event": "applied", "time": T0 + 0.005, "domain": "web1", "alias": "net0",
-                      "field": "mac"})  # fmt: skip
-    metrics.decision({"event": "applied", "time": T0 + 0.006, "domain": "web1", "alias": "net0",
-                      "field": "multicast"})  # fmt: skip
+    metrics.decision(applied(T0 + 0.005))
+    metrics.decision(applied(T0 + 0.006, "multicast"))
     metrics.nic_state("web1", "net0", state(last_sync=T0 + 0.007))
     assert get(metrics, "rxfilterd_events_total", kind="rx_filter_changed") == 2
     assert get(metrics, "rxfilterd_changes_applied_total", field="mac") == 1
@@ -66,21 +90,18 @@ def test_a_sync_that_writes_nothing_answers_its_events(metrics: DaemonMetrics) -
     metrics.step("query", "net0", T0, T0 + 0.003)
     metrics.nic_state("web1", "net0", state(last_sync=T0 + 0.004))
     metrics.step("query", "net0", T0 + 50, T0 + 50.003)
-    metrics.decision({"event": "applied", "time": T0 + 50.004, "domain": "web1",
-                      "alias": "net0", "field": "mac"})  # fmt: skip
+    metrics.decision(applied(T0 + 50.004))
     assert get(metrics, "rxfilterd_event_to_write_seconds_count") == 0
 
 
 def test_an_event_after_the_query_waits_for_the_follow_up(metrics: DaemonMetrics) -> None:
     metrics.dispatched(RxFilterChanged("u", "web1", "net0", T0), T0)
     metrics.step("query", "net0", T0, T0 + 0.003)
-    metrics.decision({"event": "applied", "time": T0 + 0.004, "domain": "web1", "alias": "net0",
-                      "field": "mac"})  # fmt: skip
+    metrics.decision(applied(T0 + 0.004))
     metrics.dispatched(RxFilterChanged("u", "web1", "net0", T0 + 0.0045), T0 + 0.0045)
     metrics.nic_state("web1", "net0", state(last_sync=T0 + 0.005))
     metrics.step("query", "net0", T0 + 0.03, T0 + 0.032)
-    metrics.decision({"event": "applied", "time": T0 + 0.0335, "domain": "web1",
-                      "alias": "net0", "field": "mac"})  # fmt: skip
+    metrics.decision(applied(T0 + 0.0335))
     metrics.nic_state("web1", "net0", state(last_sync=T0 + 0.034))
     assert get(metrics, "rxfilterd_event_to_write_seconds_count") == 2
     assert get(metrics, "rxfilterd_event_to_write_seconds_sum") == pytest.approx(
@@ -92,9 +113,13 @@ def test_results_retries_refusals_failures_and_gone_nics(metrics: DaemonMetrics)
     metrics.nic_state("web1", "net0", state(last_sync=T0, result="failed: EPERM", cause="event"))
     metrics.nic_state("web1", "net0", state(last_sync=T0 + 2, result="ok", cause="retry"))
     metrics.nic_state("web1", "net0", state(last_sync=T0 + 2, result="ok", cause="retry"))
-    metrics.decision({"event": "refused", "domain": "web1", "field": "mac",
-                      "reason": "not in mac_allow"})  # fmt: skip
-    metrics.decision({"event": "failed", "domain": "web1", "stage": "apply", "reason": "EPERM"})
+    refusal = Refusal("mac", "02:00:00:00:00:01", "not in mac_allow")
+    metrics.decision(
+        dataclasses.replace(applied(T0), event="refused", change=None, refusal=refusal)
+    )
+    metrics.decision(
+        dataclasses.replace(applied(T0), event="failed", change=None, stage="apply", reason="EPERM")
+    )
     metrics.dispatched(DomainChanged("u", "web1", "started"), T0)
     metrics.nic_state("web1", "net1", state(trust="no", action="skip", last_sync=None))
     assert get(metrics, "rxfilterd_syncs_total", result="failed") == 1
@@ -102,7 +127,7 @@ def test_results_retries_refusals_failures_and_gone_nics(metrics: DaemonMetrics)
     assert get(metrics, "rxfilterd_retries_total") == 1
     assert get(metrics, "rxfilterd_refusals_total", field="mac", reason="not in mac_allow") == 1
     assert get(metrics, "rxfilterd_sync_failures_total", stage="apply", reason="EPERM") == 1
-    assert get(metrics, "rxfilterd_decisions_total", action="refused") == 1
+    assert get(metrics, "rxfilterd_decisions_total", event="refused") == 1
     assert get(metrics, "rxfilterd_events_total", kind="started") == 1
     assert get(metrics, "rxfilterd_nics", trust="no", action="skip") == 1
     metrics.nic_state("web1", "net0", None)

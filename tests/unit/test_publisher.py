@@ -1,7 +1,8 @@
-"""The pure parts of the MQTT publisher: topics, the event queue, state, fleet output."""
+"""The pure parts of the MQTT publisher: topics, the event queue, payloads, fleet output."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,17 +14,24 @@ from hypothesis import strategies as st
 from rxfilterd import config, fleet
 from rxfilterd.cli import main
 from rxfilterd.config import ConfigError, MqttSettings
-from rxfilterd.publisher import (
-    EventQueue,
+from rxfilterd.mqtt_topics import (
     FleetMessage,
     ParsedTopic,
-    Publisher,
     TopicError,
     Topics,
     parse_topic,
     topic_segment,
     unescape_segment,
 )
+from rxfilterd.plan import MacChange
+from rxfilterd.publisher import (
+    EventQueue,
+    Publisher,
+    event_payload,
+    nic_payload,
+    status_payload,
+)
+from rxfilterd.records import Decision, NicRow, NicState
 
 
 @pytest.mark.parametrize(
@@ -72,7 +80,7 @@ def test_topics_and_parsing() -> None:
 
 
 def test_queue_drops_the_oldest_and_counts() -> None:
-    q = EventQueue(3)
+    q: EventQueue[dict[str, int]] = EventQueue(3)
     for i in range(5):
         q.put({"n": i})
     assert q.dropped == 2 and len(q) == 3
@@ -80,7 +88,7 @@ def test_queue_drops_the_oldest_and_counts() -> None:
 
 
 def test_a_failed_publish_goes_back_in_front_unless_newer_filled_the_queue() -> None:
-    q = EventQueue(2)
+    q: EventQueue[dict[str, int]] = EventQueue(2)
     q.put({"n": 1})
     q.put({"n": 2})
     item = q.get()
@@ -92,14 +100,17 @@ def test_a_failed_publish_goes_back_in_front_unless_newer_filled_the_queue() -> 
     assert q.dropped == 1 and [q.get(), q.get()] == [{"n": 2}, {"n": 3}]
 
 
+ROW = NicRow("d", "net0", "macvtap3", "", "virtio", "ethernet", "yes", "port", "sync", "trusted")
+
+
 def test_sinks_never_wait_and_events_past_the_queue_are_dropped() -> None:
     # What reaches the broker (the last state per NIC, the frozen state at shutdown) is
     # tested against mosquitto in tests/mqtt/test_publisher_broker.py.
     publisher = Publisher(MqttSettings(client_id="hv1", queue_size=10))
     started = time.monotonic()
     for i in range(1000):
-        publisher.decision({"event": "applied", "time": 0.0, "domain": "d", "alias": "net0"})
-        publisher.nic_state("d", "net0", {"result": f"ok {i}"})
+        publisher.decision(Decision(event="applied", domain="d", alias="net0", ifname=None))
+        publisher.nic_state("d", "net0", NicState(ROW, result=f"ok {i}"))
     assert time.monotonic() - started < 1
     assert len(publisher.events) == 10 and publisher.events.dropped == 990
 
@@ -107,11 +118,47 @@ def test_sinks_never_wait_and_events_past_the_queue_are_dropped() -> None:
 def test_a_nic_whose_name_is_no_topic_level_is_logged_once_and_skipped() -> None:
     publisher = Publisher(MqttSettings(client_id="hv1"))
     with structlog.testing.capture_logs() as logs:
-        publisher.nic_state("", "net0", {"result": "ok"})
-        publisher.nic_state("", "net0", {"result": "ok again"})
+        publisher.nic_state("", "net0", NicState(ROW, result="ok"))
+        publisher.nic_state("", "net0", NicState(ROW, result="ok again"))
     assert [(e["event"], e["domain"], e["alias"]) for e in logs] == [
         ("mqtt: NIC not published", "", "net0")
     ]
+
+
+def test_payloads_on_the_wire() -> None:
+    # docs/mqtt.md: sorted keys, compact; events at schema 2 (no `action`: that is the
+    # NIC state's verdict), NIC state and status at 1.
+    applied = Decision(
+        event="applied",
+        domain="web1",
+        alias="net0",
+        ifname="macvtap3",
+        time=1767225600.51,
+        change=MacChange("52:54:00:10:00:01", "52:54:00:aa:bb:cc"),
+        cause="event",
+    )
+    assert event_payload(applied, 17, 0) == (
+        b'{"alias":"net0","cause":"event","domain":"web1","dropped":0,"event":"applied",'
+        b'"field":"mac","ifname":"macvtap3","new":"52:54:00:aa:bb:cc","old":"52:54:00:10:00:01",'
+        b'"schema":2,"seq":17,"time":1767225600.51}'
+    )
+    state = NicState(ROW, last_sync=1767225600.52, cause="event", result="ok")
+    assert nic_payload(state) == (
+        b'{"action":"sync","alias":"net0","cause":"event","current_mac":"","domain":"d",'
+        b'"guest":null,"host":null,"ifname":"macvtap3","last_sync":1767225600.52,'
+        b'"model":"virtio","reason":"trusted","result":"ok","schema":1,"trust":"yes",'
+        b'"trust_source":"port","type":"ethernet"}'
+    )
+    assert nic_payload(None) == b""
+    offline = json.loads(status_payload("offline", dropped=3, version="0.1.0"))
+    assert offline == {
+        "status": "offline",
+        "reason": "shutdown",
+        "dropped": 3,
+        "version": "0.1.0",
+        "schema": 1,
+        "time": offline["time"],
+    }
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -181,9 +228,9 @@ def test_fleet_rows() -> None:
     ]
     assert table[0]["mac"] == "52:54:00:aa:bb:cc" and table[0]["trust_source"] == "network"
     assert table[0]["last_sync"]  # a local time
-    out = fleet.format_table(table)
+    out = fleet.table(table)
     assert out.splitlines()[0].split()[:3] == ["HOST", "STATUS", "DOMAIN"]
-    assert fleet.format_table([]).startswith("no rxfilterd hosts")
+    assert fleet.table([]).startswith("no rxfilterd hosts")
 
 
 def test_fleet_event_lines() -> None:
