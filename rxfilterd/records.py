@@ -98,14 +98,13 @@ class Decision:
         if self.change is not None:
             out.update(change_fields(self.change))
         if self.refusal is not None:
-            out.update(field=self.refusal.field, value=self.refusal.value)
+            refusal = self.refusal
+            out.update(field=refusal.field, value=refusal.value, reason=refusal.reason)
         if self.drift is not None:
             drift = [change_fields(c) for c in self.drift]
             out["fields"] = [str(f["field"]) for f in drift]
             out["found"] = {str(f["field"]): f["old"] for f in drift}
             out["expected"] = {str(f["field"]): f["new"] for f in drift}
-        if self.refusal is not None:
-            out["reason"] = self.refusal.reason
         for name in _PLAIN:
             value = getattr(self, name)
             # Whether anything was in flight is part of every abandoned line.
@@ -118,8 +117,8 @@ class Decision:
         return {"event": self.event, "time": self.time, **self.fields()}
 
 
-# Decision attributes rendered as they are, in declaration order, and the two whose
-# key differs from the attribute's name.
+# Decision attributes rendered as they are, in declaration order, and the one whose
+# key differs from the attribute's name (`fields` would shadow the method).
 _GROUPED = ("event", "domain", "alias", "ifname", "level", "time", "change", "refusal", "drift")
 _PLAIN = tuple(f.name for f in dataclasses.fields(Decision) if f.name not in _GROUPED)
 _KEYS = {"fields_synced": "fields"}

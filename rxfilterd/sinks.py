@@ -35,16 +35,19 @@ class Sinks:
         """The NIC's state now (NIC None: not synced) to every state sink."""
         if not self.states:
             return
-        state = NicState(report.row())
-        if nic is not None:
-            state = NicState(
-                state.row,
+        row = report.row()
+        state = (
+            NicState(row)
+            if nic is None
+            else NicState(
+                row,
                 guest=nic.guest,
                 host=nic.host,
                 last_sync=nic.last_sync,
                 cause=nic.last_cause,
                 result=nic.result,
             )
+        )
         for sink in self.states:
             sink(report.nic.domain, report.nic.alias, state)
 
