@@ -1,4 +1,11 @@
-"""Shared pytest configuration for rxfilterd's tests."""
+"""Shared pytest configuration and the real-stack fixtures of rxfilterd's tests.
+
+Tests that use ``libvirt_stack`` (or ``stack``) run once per libvirt in
+tests/support/libvirts.py, with ids such as ``test_x[libvirt-11.3]``. An unavailable
+stack makes them skip, or fail when CI=true. Leftovers of earlier runs (anything named
+with the RXFT_PREFIX prefix) are removed at session start, and everything a test
+creates is removed at its teardown, also when it fails.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,23 @@ import pytest
 
 from tests.support.deb_package import PackageBuilds, deb_cache, package_problem
 from tests.support.debian_root import remove_leftover_overlays
-from tests.support.guest import in_ci, skip_or_fail
+from tests.support.guest import (
+    HOST_LIBVIRT,
+    GuestImage,
+    LibvirtTarget,
+    Resources,
+    cleanup_leftovers,
+    in_ci,
+    skip_or_fail,
+    use_libvirt,
+)
+from tests.support.libvirts import (
+    LABELS,
+    host_version,
+    libvirt_problem,
+    session_lab,
+    version_problem,
+)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -34,3 +57,50 @@ def debian_roots() -> Iterator[Path]:
 def package_builds(debian_roots: Path, tmp_path_factory: pytest.TempPathFactory) -> PackageBuilds:
     """rxfilterd's .deb per suite, built once for every tier of the session."""
     return PackageBuilds(debian_roots, tmp_path_factory.mktemp("debs"))
+
+
+@pytest.fixture(scope="session", params=LABELS, ids=[f"libvirt-{v}" for v in LABELS])
+def libvirt_under_test(request: pytest.FixtureRequest) -> Iterator[LibvirtTarget]:
+    """Each libvirt in turn; the helpers and daemon configs point at it meanwhile."""
+    label: str = request.param
+    found = libvirt_problem(label)
+    if found is not None:
+        skip_or_fail(f"libvirt {label}: {found}")
+    lab = session_lab(label)
+    if lab is None:
+        found = version_problem(label, host_version())
+        if found is not None:
+            skip_or_fail(found)
+        yield HOST_LIBVIRT
+        return
+    lab.close()  # what an interrupted run left
+    try:
+        lab.start()
+        found = version_problem(label, lab.version())
+        if found is not None:
+            skip_or_fail(found)
+        use_libvirt(lab.target(label))
+        yield lab.target(label)
+    finally:
+        use_libvirt(HOST_LIBVIRT)
+        lab.close()
+
+
+@pytest.fixture(scope="session")
+def libvirt_stack(libvirt_under_test: LibvirtTarget) -> Iterator[GuestImage]:
+    """The guest image, once the stack is known to work; cleans leftovers around the session."""
+    cleanup_leftovers()
+    try:
+        yield GuestImage.locate()
+    finally:
+        cleanup_leftovers()
+
+
+@pytest.fixture
+def stack(libvirt_stack: GuestImage) -> Iterator[Resources]:
+    """Creates links, networks and guests for one test and removes them afterwards."""
+    res = Resources()
+    try:
+        yield res
+    finally:
+        res.close()

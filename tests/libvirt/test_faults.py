@@ -1,8 +1,9 @@
 """Acceptance: rxfilterd survives the hypervisor, with every fault really injected.
 
-These tests run on a libvirtd of their own (tests/support/libvirtd.py): the real
-libvirtd and QEMU, in a private mount namespace, so killing and restarting it breaks
-nobody else's tests and no other guest's NIC is touched by these daemons.
+These tests run on a libvirtd of their own, of the version under test
+(tests/support/libvirts.py): the real libvirtd and QEMU, in a private mount namespace,
+so killing and restarting it breaks nobody else's tests and no other guest's NIC is
+touched by these daemons.
 Each daemon runs with resync off unless the test is about the resync, so what
 repaired the host is always what the test says (the `cause` on the applied line).
 """
@@ -25,6 +26,7 @@ from tests.support.guest import (
     EthernetNic,
     Guest,
     GuestImage,
+    LibvirtTarget,
     Macvtap,
     Resources,
     create_macvtap,
@@ -33,7 +35,8 @@ from tests.support.guest import (
     link_show,
     prefixed,
 )
-from tests.support.libvirtd import PrivateLibvirtd
+from tests.support.libvirtd import LabLibvirtd
+from tests.support.libvirts import private_libvirtd
 
 pytestmark = pytest.mark.libvirt
 
@@ -84,7 +87,7 @@ def wait_quiet(daemon: RunningDaemon, seconds: float = 0.5, timeout: float = 10)
 
 def make_daemon(
     workdir: Path,
-    lv: PrivateLibvirtd,
+    lv: LabLibvirtd,
     sync: dict[str, Any] | None = None,
     wrap: tuple[str, ...] = (),
 ) -> RunningDaemon:
@@ -102,9 +105,10 @@ def make_daemon(
 
 
 @pytest.fixture(scope="module")
-def lv(libvirt_stack: GuestImage) -> Iterator[PrivateLibvirtd]:
-    """Our own libvirtd for this module (one an aborted run left is replaced)."""
-    private = PrivateLibvirtd()
+def lv(libvirt_stack: GuestImage, libvirt_under_test: LibvirtTarget) -> Iterator[LabLibvirtd]:
+    """Our own libvirtd of the version under test for this module (one an aborted run
+    left is replaced)."""
+    private = private_libvirtd(libvirt_under_test.label)
     private.close()
     private.start()
     try:
@@ -114,7 +118,7 @@ def lv(libvirt_stack: GuestImage) -> Iterator[PrivateLibvirtd]:
 
 
 @pytest.fixture
-def conn(lv: PrivateLibvirtd) -> Iterator[Any]:
+def conn(lv: LabLibvirtd) -> Iterator[Any]:
     """A connection to our libvirtd; domains left running after the test are destroyed."""
     c = lv.connect()
     try:
@@ -135,7 +139,7 @@ class TwoNics:
 
 
 @pytest.fixture(scope="module")
-def two_nics(lv: PrivateLibvirtd) -> Iterator[TwoNics]:
+def two_nics(lv: LabLibvirtd) -> Iterator[TwoNics]:
     """One boot shared by the host-fault tests: each test states what it expects."""
     res = Resources()
     c = lv.connect()
@@ -160,7 +164,7 @@ def two_nics(lv: PrivateLibvirtd) -> Iterator[TwoNics]:
 
 
 def test_libvirtd_killed_or_stopped_is_survived_and_missed_changes_land(
-    lv: PrivateLibvirtd, conn: Any, stack: Resources, tmp_path: Path
+    lv: LabLibvirtd, conn: Any, stack: Resources, tmp_path: Path
 ) -> None:
     mvt = stack.veth_macvtap("lk", mac=MAC0)
     guest = stack.guest(prefixed("lk"), [EthernetNic(mvt.name, mac=MAC0, trust=True)], conn=conn)
@@ -205,7 +209,7 @@ def test_libvirtd_killed_or_stopped_is_survived_and_missed_changes_land(
 
 
 def test_reset_plug_unplug_restore_and_stop(
-    lv: PrivateLibvirtd, conn: Any, stack: Resources, tmp_path: Path
+    lv: LabLibvirtd, conn: Any, stack: Resources, tmp_path: Path
 ) -> None:
     mvt = stack.veth_macvtap("lc", mac=MAC0)
     plug = stack.veth_macvtap("lp", mac="52:54:00:30:20:77")  # not yet the NIC's MAC
@@ -290,7 +294,7 @@ def test_reset_plug_unplug_restore_and_stop(
 
 
 def test_macvtap_vanishing_and_coming_back_is_retried_and_synced(
-    lv: PrivateLibvirtd, two_nics: TwoNics, tmp_path: Path
+    lv: LabLibvirtd, two_nics: TwoNics, tmp_path: Path
 ) -> None:
     guest, a = two_nics.guest, two_nics.a
     with make_daemon(tmp_path, lv, {"retry_max": 2.0}) as daemon:
@@ -329,7 +333,7 @@ def test_macvtap_vanishing_and_coming_back_is_retried_and_synced(
 
 
 def test_mac_in_use_fails_clearly_retries_and_spares_the_other_nic(
-    lv: PrivateLibvirtd, two_nics: TwoNics, tmp_path: Path
+    lv: LabLibvirtd, two_nics: TwoNics, tmp_path: Path
 ) -> None:
     guest, a, b = two_nics.guest, two_nics.a, two_nics.b
     taken = two_nics.neighbour.mac  # another macvtap on A's lower device has it
@@ -355,7 +359,7 @@ def test_mac_in_use_fails_clearly_retries_and_spares_the_other_nic(
 
 
 def test_the_host_refusing_a_write_with_eperm_is_said_and_retried(
-    lv: PrivateLibvirtd, two_nics: TwoNics, tmp_path: Path
+    lv: LabLibvirtd, two_nics: TwoNics, tmp_path: Path
 ) -> None:
     guest, a = two_nics.guest, two_nics.a
     no_net_admin = ("setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", "--")
@@ -372,7 +376,7 @@ def test_the_host_refusing_a_write_with_eperm_is_said_and_retried(
 
 
 def test_drift_by_hand_is_put_back_and_logged(
-    lv: PrivateLibvirtd, two_nics: TwoNics, tmp_path: Path
+    lv: LabLibvirtd, two_nics: TwoNics, tmp_path: Path
 ) -> None:
     guest, b = two_nics.guest, two_nics.b
     with make_daemon(tmp_path, lv, {"resync_interval": 2}) as daemon:
@@ -405,7 +409,7 @@ FLAGS_OFF = f"f=$(( $(cat {FLAGS}) & ~0x300 ))"
 
 
 def test_a_guest_flipping_its_filter_costs_bounded_syncs_and_lands(
-    lv: PrivateLibvirtd, conn: Any, stack: Resources, tmp_path: Path
+    lv: LabLibvirtd, conn: Any, stack: Resources, tmp_path: Path
 ) -> None:
     mvt = stack.veth_macvtap("hf", mac=MAC0)
     guest = stack.guest(prefixed("hf"), [EthernetNic(mvt.name, mac=MAC0, trust=True)], conn=conn)
@@ -478,7 +482,7 @@ def test_a_guest_flipping_its_filter_costs_bounded_syncs_and_lands(
 
 
 def test_a_stuck_domain_delays_no_other_and_shutdown_abandons_it(
-    lv: PrivateLibvirtd, conn: Any, stack: Resources, tmp_path: Path
+    lv: LabLibvirtd, conn: Any, stack: Resources, tmp_path: Path
 ) -> None:
     ok_tap = stack.veth_macvtap("so", mac=MAC0)
     stuck_tap = stack.veth_macvtap("ss", mac=MAC1)
@@ -508,7 +512,7 @@ def test_a_stuck_domain_delays_no_other_and_shutdown_abandons_it(
 
 
 def test_more_stuck_domains_than_libvirtd_serves_per_client_still_spare_the_others(
-    lv: PrivateLibvirtd, conn: Any, stack: Resources, tmp_path: Path
+    lv: LabLibvirtd, conn: Any, stack: Resources, tmp_path: Path
 ) -> None:
     """libvirtd runs at most 5 calls per client connection (max_client_requests): six
     domains whose monitors hang must not take every slot from a healthy one."""

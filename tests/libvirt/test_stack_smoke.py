@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support.guest import EthernetNic, Resources, prefixed
+from tests.support.guest import EthernetNic, Resources, current_libvirt, prefixed
 
 pytestmark = pytest.mark.libvirt
 
@@ -21,7 +21,7 @@ def _virsh_rx_filter(domain: str) -> list[dict[str, object]]:
         [
             "virsh",
             "-c",
-            "qemu:///system",
+            current_libvirt().uri,
             "qemu-monitor-command",
             domain,
             json.dumps({"execute": "query-rx-filter"}),

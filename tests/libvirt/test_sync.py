@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import RunningDaemon, holds_for, wait_until
+from tests.support.daemon import RunningDaemon, holds_for, wait_until, write_config
 from tests.support.guest import (
     DirectNic,
     EthernetNic,
     NetworkNic,
     Portgroup,
     Resources,
+    current_libvirt,
     link_show,
     prefixed,
 )
@@ -51,8 +52,7 @@ def static_groups(ifname: str) -> set[str]:
 
 
 def domain_log(name: str) -> str:
-    path = Path("/var/log/libvirt/qemu") / f"{name}.log"
-    return path.read_text(errors="replace") if path.exists() else ""
+    return current_libvirt().domain_log(name)
 
 
 def test_trusted_ethernet_macvtap_follows_the_guest(stack: Resources, tmp_path: Path) -> None:
@@ -198,8 +198,7 @@ def test_explain_resolves_trust_through_networks_and_portgroups(
         for i, c in enumerate(cases)
     ]
     guest = stack.guest(prefixed("ex"), nics)
-    config = tmp_path / "rxfilterd.toml"
-    config.write_text("[log]\nlevel = 'warning'\n")
+    config = write_config(tmp_path / "rxfilterd.toml", {"log": {"level": "warning"}})
     out = subprocess.run(
         [
             sys.executable,

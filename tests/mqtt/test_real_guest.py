@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from tests.libvirt.conftest import libvirt_stack, stack  # noqa: F401  (fixtures)
 from tests.support.daemon import RunningDaemon, wait_until, write_config
 from tests.support.guest import EthernetNic, Resources, link_show, prefixed, skip_or_fail
 from tests.support.mqtt import Listener, Mosquitto, Msg, broker_problem, retained
@@ -78,7 +77,7 @@ def is_applied_mac(domain: str, mac: str) -> Any:
 
 
 def test_guest_mac_change_reaches_the_broker(
-    stack: Resources,  # noqa: F811
+    stack: Resources,
     tmp_path: Path,
     topic_prefix: str,
     shared_broker: int,
@@ -128,7 +127,7 @@ def test_guest_mac_change_reaches_the_broker(
     assert f"{prefix}/{HOST}/nic/{guest.name}/net0" in kept
 
 
-def test_broker_restart_mid_run(stack: Resources, tmp_path: Path) -> None:  # noqa: F811
+def test_broker_restart_mid_run(stack: Resources, tmp_path: Path) -> None:
     if broker_problem() is not None:  # the same tooling as the shared broker
         skip_or_fail(str(broker_problem()))
     prefix = "rxftest-restart"  # a private broker: no one else sees it

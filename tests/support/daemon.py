@@ -13,11 +13,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.support.guest import current_libvirt
+
 Record = dict[str, Any]
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """A TOML file from plain values (str, bool, numbers, lists of str)."""
+    """A TOML file from plain values (str, bool, numbers, lists of str).
+
+    Its ``[libvirt] uri`` is the libvirt under test unless SECTIONS says otherwise.
+    """
+    sections = {
+        **sections,
+        "libvirt": {"uri": current_libvirt().uri, **sections.get("libvirt", {})},
+    }
 
     def value(v: Any) -> str:
         if isinstance(v, bool):

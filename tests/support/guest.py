@@ -89,13 +89,43 @@ def _check_name(name: str, *, link: bool = False) -> None:
 # --------------------------------------------------------------------------- libvirt
 
 
-def connect(uri: str = LIBVIRT_URI) -> Any:
-    """A read-write libvirt connection (``libvirt.virConnect``)."""
-    return libvirt.open(uri)
+@dataclass(frozen=True)
+class LibvirtTarget:
+    """A libvirt the real-stack tests run against: its version label (the test ids say
+    ``[libvirt-LABEL]``), its URI, and where its domains' logs are."""
+
+    label: str
+    uri: str
+    log_dir: Path
+
+    def domain_log(self, domain: str) -> str:
+        path = self.log_dir / f"{domain}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
 
-def libvirt_available(uri: str = LIBVIRT_URI) -> str | None:
+HOST_LIBVIRT = LibvirtTarget("9.0", LIBVIRT_URI, Path("/var/log/libvirt/qemu"))
+_current = [HOST_LIBVIRT]
+
+
+def current_libvirt() -> LibvirtTarget:
+    """The libvirt under test: the default of every helper here and of the daemon's config."""
+    return _current[0]
+
+
+def use_libvirt(target: LibvirtTarget) -> None:
+    """Point the helpers (and daemon configs written from now on) at TARGET."""
+    _current[0] = target
+
+
+def connect(uri: str | None = None) -> Any:
+    """A read-write libvirt connection (``libvirt.virConnect``), by default to the
+    libvirt under test."""
+    return libvirt.open(uri or current_libvirt().uri)
+
+
+def libvirt_available(uri: str | None = None) -> str | None:
     """None when libvirtd answers on *uri*, else a reason why not."""
+    uri = uri or current_libvirt().uri
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
@@ -213,7 +243,7 @@ def host_links(name_prefix: str | None = None) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- cleanup
 
 
-def cleanup_leftovers(name_prefix: str | None = None, uri: str = LIBVIRT_URI) -> list[str]:
+def cleanup_leftovers(name_prefix: str | None = None, uri: str | None = None) -> list[str]:
     """Remove domains, networks, host links and console sockets named with the prefix.
 
     Returns what was removed. libvirt being unreachable is not an error here (links are
@@ -225,7 +255,7 @@ def cleanup_leftovers(name_prefix: str | None = None, uri: str = LIBVIRT_URI) ->
     removed: list[str] = []
     conn: Any = None
     with contextlib.suppress(libvirt.libvirtError):
-        conn = libvirt.open(uri)
+        conn = connect(uri)
     if conn is not None:
         try:
             for dom in conn.listAllDomains(0):
@@ -858,7 +888,7 @@ def skip_or_fail(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-def stack_problem(uri: str = LIBVIRT_URI) -> str | None:
+def stack_problem(uri: str | None = None) -> str | None:
     """None when the real stack can run here, else why not (first problem found)."""
     if os.geteuid() != 0:
         return "needs root (macvtap, libvirt qemu:///system)"

@@ -27,7 +27,7 @@ from typing import Any
 
 import libvirt
 
-from tests.support.guest import prefix
+from tests.support.guest import LibvirtTarget, prefix
 
 # The qemu.conf settings scripts/setup-host gives the host's libvirtd (no systemd, no
 # cgroups, root-owned QEMU): keep the two lists alike.
@@ -93,9 +93,9 @@ class LabLibvirtd:
     def qemu_pid(self, domain: str) -> int:
         return int((self.run_dir / "qemu" / f"{domain}.pid").read_text().strip())
 
-    def domain_log(self, domain: str) -> str:
-        path = self.log_dir / f"{domain}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+    def target(self, label: str) -> LibvirtTarget:
+        """This daemon as the libvirt under test (see tests.support.guest.use_libvirt)."""
+        return LibvirtTarget(label, self.uri, self.log_dir)
 
     # ------------------------------------------------------------------ process
 
