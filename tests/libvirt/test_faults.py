@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.daemon import Record, RunningDaemon, holds_for, wait_until
 from tests.support.guest import (
+    RUN_DIR,
     EthernetNic,
     Guest,
     GuestImage,
@@ -263,12 +264,15 @@ def test_reset_plug_unplug_restore_and_stop(
         # "migrated" after a migration) and QEMU raises no rx-filter event.
         guest.set_mac("52:54:00:30:20:02")
         wait_until(lambda: host_mac(mvt.name) == "52:54:00:30:20:02", 5, "MAC before save")
-        image = tmp_path / "guest.save"
+        # Where both this host and the libvirtd under test (maybe in a root of its
+        # own) see the same file; cleanup_leftovers removes it after an aborted run.
+        image = RUN_DIR / f"{guest.name}.save"
         guest.dom.save(str(image))
         wait_line(daemon, "domain event", domain=guest.name, change="stopped", detail="saved")
         delete_link(mvt.name)  # the destination's macvtap: fresh, configured MAC
         create_macvtap(mvt.name, prefixed("lca"), mac=MAC0)
         conn.restore(str(image))
+        image.unlink()
         wait_line(daemon, "domain event", domain=guest.name, change="started", detail="restored")
         wait_until(lambda: host_mac(mvt.name) == "52:54:00:30:20:02", 10, "MAC after restore")
         # Put back by the sync of the domain's start, not by a guest event.

@@ -106,8 +106,10 @@ def test_sighup_rejects_a_bad_file_and_applies_a_good_one(stack: Resources, tmp_
     with RunningDaemon(tmp_path) as daemon:
         guest = stack.guest(prefixed("sh"), [EthernetNic(mvt.name, mac=MAC0, trust=True)])
         daemon.wait_for(lambda r: r.get("event") == "syncing" and r.get("domain") == guest.name, 30)
-        good = daemon.config.read_text()
-        daemon.config.write_text(good + "\n[libvirt]\nbogus = 1\n")
+        write_config(
+            daemon.config,
+            {"log": {"level": "debug", "format": "json"}, "libvirt": {"bogus": 1}},
+        )
         daemon.signal(signal.SIGHUP)
         rejected = daemon.wait_for(lambda r: "reload rejected" in str(r.get("event")), 10)
         assert str(daemon.config) in rejected["error"] and "libvirt.bogus" in rejected["error"]

@@ -41,7 +41,8 @@ DEFAULT_GUEST_DIR = Path("/var/cache/rxfilterd-test/guest")
 RUN_DIR = Path("/run/rxfilterd-test")
 IFNAMSIZ_MAX = 15
 
-MacvtapMode = Literal["bridge", "passthru", "private", "vepa"]
+MacvtapMode = Literal["bridge", "passthru", "private", "vepa"]  # as `ip link` spells them
+DirectMode = Literal["bridge", "passthrough", "private", "vepa"]  # as libvirt spells them
 
 
 class GuestError(RuntimeError):
@@ -333,7 +334,7 @@ class DirectNic:
 
     source_dev: str
     mac: str | None = None
-    mode: MacvtapMode = "bridge"
+    mode: DirectMode = "bridge"
     trust: bool | None = None
     model: str = "virtio"
 
@@ -937,8 +938,9 @@ class Resources:
         trust: bool | None = None,
         portgroups: Sequence[Portgroup] = (),
         mode: Literal["bridge", "private", "vepa", "passthrough"] = "bridge",
+        conn: Any = None,
     ) -> Network:
-        net = Network(name, forward_dev, trust=trust, portgroups=portgroups, mode=mode)
+        net = Network(name, forward_dev, trust=trust, portgroups=portgroups, mode=mode, conn=conn)
         self._undo.append(("network", net))
         return net.start()
 

@@ -53,14 +53,14 @@ def root_versions() -> dict[str, str]:
 
 
 class RootLibvirtd(LabLibvirtd):
-    """libvirtd (or, where the root has it, a modular daemon such as virtqemud) from the
-    cached Debian 13 root."""
+    """libvirtd from the cached Debian 13 root. (Debian 13 ships no modular daemons:
+    no virtqemud in any of its libvirt packages.)"""
 
-    def __init__(self, base: Path | None = None, daemon: str = "libvirtd") -> None:
+    def __init__(self, base: Path | None = None) -> None:
         base = base or Path(f"/run/{prefix()}libvirt11")
-        sock = "libvirt-sock" if daemon == "libvirtd" else f"{daemon}-sock"
-        super().__init__(base, base / "run" / "libvirt" / sock, base / "run" / f"{daemon}.pid")
-        self.daemon = daemon
+        super().__init__(
+            base, base / "run" / "libvirt" / "libvirt-sock", base / "run" / "libvirtd.pid"
+        )
         self.ns_file = base / "mntns"
         # The overlay's mount point, as the namespace sees it (also its processes' root).
         self.merged = base / "merged"
@@ -118,9 +118,14 @@ mount --bind {guest_dir} {m}{guest_dir}
     def _launch(self, timeout: float) -> None:
         if not self._namespace_alive():
             self._make_namespace(timeout)
-        argv = [f"/usr/sbin/{self.daemon}", "-d", "-p", f"/run/{self.daemon}.pid"]
-        if self.daemon == "libvirtd":
-            argv += ["-f", "/etc/libvirt/libvirtd.conf"]
+        argv = [
+            "/usr/sbin/libvirtd",
+            "-d",
+            "-p",
+            "/run/libvirtd.pid",
+            "-f",
+            "/etc/libvirt/libvirtd.conf",
+        ]
         _run(["nsenter", f"--mount={self.ns_file}", "chroot", str(self.merged), *argv], timeout)
 
     # ------------------------------------------------------------------ cleanup
