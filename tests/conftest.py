@@ -79,21 +79,31 @@ def libvirt_under_test(request: pytest.FixtureRequest) -> Iterator[LibvirtTarget
         found = version_problem(label, lab.version())
         if found is not None:
             skip_or_fail(found)
-        use_libvirt(lab.target(label))
         yield lab.target(label)
     finally:
-        use_libvirt(HOST_LIBVIRT)
         lab.close()
+
+
+@pytest.fixture(autouse=True)
+def _helpers_use_the_libvirt_under_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Points the helpers at the test's libvirt while it runs; any other test (e.g. a
+    container sharing the host's libvirtd) gets the host's."""
+    if "libvirt_under_test" in request.fixturenames:
+        use_libvirt(request.getfixturevalue("libvirt_under_test"))
+    try:
+        yield
+    finally:
+        use_libvirt(HOST_LIBVIRT)
 
 
 @pytest.fixture(scope="session")
 def libvirt_stack(libvirt_under_test: LibvirtTarget) -> Iterator[GuestImage]:
     """The guest image, once the stack is known to work; cleans leftovers around the session."""
-    cleanup_leftovers()
+    cleanup_leftovers(uri=libvirt_under_test.uri)
     try:
         yield GuestImage.locate()
     finally:
-        cleanup_leftovers()
+        cleanup_leftovers(uri=libvirt_under_test.uri)
 
 
 @pytest.fixture

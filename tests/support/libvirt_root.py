@@ -20,6 +20,7 @@ the daemon (kill, then start) enters the same namespace, so its QEMUs live on.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -62,6 +63,7 @@ class RootLibvirtd(LabLibvirtd):
             base, base / "run" / "libvirt" / "libvirt-sock", base / "run" / "libvirtd.pid"
         )
         self.ns_file = base / "mntns"
+        self._lock: int | None = None  # held shared while the overlay uses the root
         # The overlay's mount point, as the namespace sees it (also its processes' root).
         self.merged = base / "merged"
 
@@ -83,6 +85,10 @@ class RootLibvirtd(LabLibvirtd):
         problem = root_problem()
         if problem is not None:
             raise RuntimeError(problem)
+        # A rebuild (scripts/build-libvirt-root holds it exclusively) waits for us.
+        if self._lock is None:
+            self._lock = os.open(CACHE / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._lock, fcntl.LOCK_SH)
         self.base.mkdir(parents=True, exist_ok=True)
         if not os.path.ismount(self.base):
             _run(["mount", "-t", "tmpfs", "-o", "mode=0755", "rxft-libvirt11", str(self.base)])
@@ -171,6 +177,9 @@ mount --bind {guest_dir} {m}{guest_dir}
             _run(["umount", "-l", str(self.base)])
         with contextlib.suppress(OSError):
             self.base.rmdir()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 def _run(argv: list[str], timeout: float = 30.0) -> None:

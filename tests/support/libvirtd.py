@@ -23,7 +23,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import libvirt
 
@@ -116,7 +116,7 @@ class LabLibvirtd:
         """Start the daemon process (it daemonizes and writes pid_file)."""
         raise NotImplementedError
 
-    def start(self, timeout: float = 60.0) -> LabLibvirtd:
+    def start(self, timeout: float = 60.0) -> Self:
         self._launch(timeout)
         # `-d` returns once the daemon has written its pid file.
         wait_answers(self.uri, timeout, lambda: self.pid is not None)
