@@ -262,6 +262,10 @@ class DebianRoot:
                     self._build()
         return self.path
 
+    def built(self) -> bool:
+        """True when a finished build of this spec is there (its lists may be stale)."""
+        return self._state() != "missing"
+
     def hold(self) -> TextIO:
         """A shared lock on the root, to close when no overlay uses it any more: a rebuild
         by another run waits for it. Call after :meth:`ensure`."""

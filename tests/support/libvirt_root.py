@@ -1,6 +1,7 @@
 """A second libvirt: Debian 13's libvirtd 11.x and QEMU 10.x, from a root of its own.
 
-``scripts/build-libvirt-root`` builds the root once into the cache. :class:`RootLibvirtd`
+``scripts/build-libvirt-root`` builds the root once into the cache (a
+:class:`~tests.support.debian_root.DebianRoot`). :class:`RootLibvirtd`
 runs its libvirtd chrooted in a mount namespace of its own, over an overlay so that the
 cached root is never written and every run starts clean::
 
@@ -20,37 +21,36 @@ the daemon (kill, then start) enters the same namespace, so its QEMUs live on.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import TextIO
 
+from tests.support.debian_root import DebianRoot
 from tests.support.guest import DEFAULT_GUEST_DIR, RUN_DIR, prefix
 from tests.support.libvirtd import LIBVIRTD_CONF, SETUP_HOST_QEMU_CONF, STDIO_TO_FILE, LabLibvirtd
 
 CACHE = Path(os.environ.get("RXFT_CACHE", "/var/cache/rxfilterd-test")) / "libvirt11"
-ROOT = CACHE / "root"
-MARKER = CACHE / "complete"
+PACKAGES = (
+    "libvirt-daemon",
+    "libvirt-daemon-driver-qemu",
+    "libvirt-daemon-driver-network",
+    "libvirt-clients",
+    "qemu-system-x86",
+)
+# Made by scripts/build-libvirt-root (this module's main), kept at CACHE/trixie/libvirt.
+LIBVIRT_ROOT = DebianRoot(CACHE, "trixie", "libvirt", PACKAGES)
+ROOT = LIBVIRT_ROOT.path
 BUILD_HINT = "run scripts/build-libvirt-root (scripts/setup-host does)"
 
 
 def root_problem() -> str | None:
     """None when the cached root is complete, else why it cannot be used."""
-    if not MARKER.is_file() or not (ROOT / "usr/sbin/libvirtd").is_file():
-        return f"no complete libvirt 11 root in {CACHE}: {BUILD_HINT}"
+    if not LIBVIRT_ROOT.built() or not (ROOT / "usr/sbin/libvirtd").is_file():
+        return f"no complete libvirt 11 root at {ROOT}: {BUILD_HINT}"
     return None
-
-
-def root_versions() -> dict[str, str]:
-    """Package versions recorded by the build (libvirt-daemon, qemu-system-x86)."""
-    out = {}
-    for line in MARKER.read_text().splitlines():
-        name, _, version = line.partition(" ")
-        if name not in ("recipe", "mirror"):
-            out[name] = version
-    return out
 
 
 class RootLibvirtd(LabLibvirtd):
@@ -63,7 +63,7 @@ class RootLibvirtd(LabLibvirtd):
             base, base / "run" / "libvirt" / "libvirt-sock", base / "run" / "libvirtd.pid"
         )
         self.ns_file = base / "mntns"
-        self._lock: int | None = None  # held shared while the overlay uses the root
+        self._lock: TextIO | None = None  # held shared while the overlay uses the root
         # The overlay's mount point, as the namespace sees it (also its processes' root).
         self.merged = base / "merged"
 
@@ -85,10 +85,10 @@ class RootLibvirtd(LabLibvirtd):
         problem = root_problem()
         if problem is not None:
             raise RuntimeError(problem)
-        # A rebuild (scripts/build-libvirt-root holds it exclusively) waits for us.
+        # A rebuild or a refresh of the root's package lists by another run waits for
+        # us: the root is our overlay's lower half.
         if self._lock is None:
-            self._lock = os.open(CACHE / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._lock, fcntl.LOCK_SH)
+            self._lock = LIBVIRT_ROOT.hold()
         self.base.mkdir(parents=True, exist_ok=True)
         if not os.path.ismount(self.base):
             _run(["mount", "-t", "tmpfs", "-o", "mode=0755", "rxft-libvirt11", str(self.base)])
@@ -178,7 +178,7 @@ mount --bind {guest_dir} {m}{guest_dir}
         with contextlib.suppress(OSError):
             self.base.rmdir()
         if self._lock is not None:
-            os.close(self._lock)
+            self._lock.close()
             self._lock = None
 
 
@@ -186,3 +186,28 @@ def _run(argv: list[str], timeout: float = 30.0) -> None:
     res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr.strip()}")
+
+
+def main() -> int:
+    """Build the root when it is missing or stale (scripts/build-libvirt-root)."""
+    path = LIBVIRT_ROOT.ensure()
+    versions = subprocess.run(
+        [
+            "chroot",
+            str(path),
+            "dpkg-query",
+            "-W",
+            "-f=${Package} ${Version}\n",
+            "libvirt-daemon",
+            "qemu-system-x86",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    print(f"{path}: {', '.join(v for v in versions if v)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

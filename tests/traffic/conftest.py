@@ -1,7 +1,7 @@
 """Fixtures for the traffic tier: the libvirt tier's stack plus a peer host.
 
-The real stack, its skip-or-fail rule and its clean-up come from the libvirt tier's
-fixtures (imported, so both tiers share one definition). On top, a peer: a network
+The real stack, its skip-or-fail rule and its clean-up come from the real-stack fixtures
+in tests/conftest.py (so the traffic tests run on each libvirt too). On top, a peer: a network
 namespace holding the far ends of the test veths. Namespaces left by an interrupted run
 (named with RXFT_PREFIX) are removed at session start and end.
 """
@@ -12,11 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.libvirt.conftest import libvirt_stack, stack
 from tests.support.guest import GuestImage, delete_link, prefixed
 from tests.support.peer import Peer, cleanup_namespaces
-
-__all__ = ["libvirt_stack", "links", "peer", "stack", "traffic_stack"]
 
 
 @pytest.fixture(scope="session")
