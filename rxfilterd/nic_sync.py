@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -157,18 +157,19 @@ class NicSyncer:
         host_read = asyncio.ensure_future(self.network.read(ifname, quick=cause == "event"))
         host_read.add_done_callback(_consume)
         # Trust can change under a running NIC (libvirt >= 10.0 changes it live), and
-        # nothing announces it: every sync re-reads it, beside the query, and writes
-        # only if the NIC's current XML still resolves to trusted.
-        current = asyncio.ensure_future(_still_ours(hypervisor, trusts, nic))
-        current.add_done_callback(_consume)
+        # nothing announces it: every sync re-reads it once the query has answered,
+        # and writes only if the NIC's current XML still resolves to trusted. Not
+        # beside the query: libvirt 11 blocks XMLDesc while the domain's monitor is
+        # busy, so a hung domain would hold a second libvirtd call slot for nothing.
         try:
-            return await self._steps(attempt, host_read, current)
+            return await self._steps(
+                attempt, host_read, lambda: _still_ours(hypervisor, trusts, nic)
+            )
         except asyncio.CancelledError:
             self._abandoned(attempt, shutting_down())
             raise
         finally:
             host_read.cancel()
-            current.cancel()
 
     def _abandoned(self, attempt: _Attempt, shutting_down: bool) -> None:
         """Shutdown (or the NIC went) with this sync in flight: say what it leaves."""
@@ -191,12 +192,27 @@ class NicSyncer:
         self,
         attempt: _Attempt,
         host_read: asyncio.Future[HostState | None],
-        current: asyncio.Future[str],
+        recheck: Callable[[], Awaitable[str]],
     ) -> SyncOutcome:
-        nic = attempt.nic
         guest = await self._query(attempt)
         if not isinstance(guest, GuestFilter):
             return guest
+        current = asyncio.ensure_future(recheck())
+        current.add_done_callback(_consume)
+        try:
+            return await self._checked(attempt, guest, host_read, current)
+        finally:
+            current.cancel()
+
+    async def _checked(
+        self,
+        attempt: _Attempt,
+        guest: GuestFilter,
+        host_read: asyncio.Future[HostState | None],
+        current: asyncio.Future[str],
+    ) -> SyncOutcome:
+        """Read the host and the NIC's trust, then plan and apply."""
+        nic = attempt.nic
         nic.guest = guest
         attempt.stage = "read"
         try:

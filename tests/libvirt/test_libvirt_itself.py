@@ -86,10 +86,7 @@ def unicast_fdb(ifname: str) -> set[str]:
 
 def interface(guest: Guest, alias: str) -> str:
     """The live XML of the NIC with ALIAS."""
-    for el in re.findall(r"<interface.*?</interface>", guest.live_xml(), re.S):
-        if f"<alias name='{alias}'/>" in el:
-            return str(el)
-    raise AssertionError(f"no {alias} in the live XML")
+    return guest.interface_xml(alias)
 
 
 def with_trust(nic_xml: str, trust: str) -> str:

@@ -17,7 +17,16 @@ import libvirt
 import pytest
 
 from tests.support.daemon import Record, RunningDaemon, holds_for, wait_until, write_config
-from tests.support.guest import Network, NetworkNic, Portgroup, Resources, link_show, prefixed
+from tests.support.guest import (
+    EthernetNic,
+    LibvirtTarget,
+    Network,
+    NetworkNic,
+    Portgroup,
+    Resources,
+    link_show,
+    prefixed,
+)
 
 pytestmark = pytest.mark.libvirt
 
@@ -165,3 +174,48 @@ def test_a_network_restart_keeps_what_the_daemon_read(stack: Resources, tmp_path
         [row] = explain(tmp_path, guest.name)
         assert (row["trust"], row["trust_source"]) == ("no", "port"), row
         assert "its network port cannot be found" in row["reason"]
+
+
+def test_a_trust_changed_on_the_running_domain_takes_effect_both_ways(
+    stack: Resources, tmp_path: Path, libvirt_under_test: LibvirtTarget
+) -> None:
+    # update-device --live changes an ethernet NIC's trust (libvirt >= 10.0) and
+    # announces nothing. Granted: rxfilterd finds out by itself, queries and syncs,
+    # though the guest does nothing more. Revoked: not one more write.
+    mvt = stack.veth_macvtap("lv", mac=MAC0)
+    guest = stack.guest(prefixed("lv"), [EthernetNic(mvt.name, mac=MAC0, trust=False)])
+    with RunningDaemon(tmp_path) as daemon:
+        assert decision(daemon, guest.name, "net0")["trust"] == "no"
+        guest.set_mac(NEW_MAC)
+        assert holds_for(lambda: host_mac(mvt.name) == MAC0, 1.0)
+
+        guest.set_trust_live("net0", True)
+        if libvirt_under_test.label == "9.0":
+            # 9.0 accepts the call and keeps the old trust: so does rxfilterd.
+            assert "trustGuestRxFilters='no'" in guest.interface_xml("net0")
+            assert holds_for(lambda: host_mac(mvt.name) == MAC0, 3.0)
+            return
+        took = wait_until(lambda: host_mac(mvt.name) == NEW_MAC, 10, "the granted NIC synced")
+        print(f"libvirt {libvirt_under_test.label}: granted trust in effect after {took:.2f} s")
+        granted = daemon.wait_for(
+            lambda r: r.get("event") == "syncing" and r.get("domain") == guest.name, 5
+        )
+        assert (granted["trust"], granted["trust_source"]) == ("yes", "interface")
+
+        guest.set_trust_live("net0", False)
+        revoked_at = len(daemon.records())
+        guest.set_mac(MAC1)
+        # The guest's change reaches neither host nor log as a write.
+        assert holds_for(lambda: host_mac(mvt.name) == NEW_MAC, 3.0)
+        after = daemon.records()[revoked_at:]
+        mine = [r for r in after if r.get("domain") == guest.name]
+        assert [r for r in mine if r.get("event") == "applied"] == []
+        daemon.wait_for(
+            lambda r: (
+                r.get("event") == "skipped"
+                and r.get("domain") == guest.name
+                and r.get("reason") == "untrusted"
+            ),
+            10,
+            "the revoked NIC skipped",
+        )

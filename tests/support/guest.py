@@ -822,6 +822,22 @@ class Guest:
             raise GuestError("guest is not running")
         return str(self.dom.XMLDesc(0))
 
+    def interface_xml(self, alias: str) -> str:
+        """The live XML of the NIC with ALIAS (what update-device takes back)."""
+        for el in re.findall(r"<interface.*?</interface>", self.live_xml(), re.S):
+            if f"<alias name='{alias}'/>" in el:
+                return str(el)
+        raise GuestError(f"no {alias} in the live XML of {self.name}")
+
+    def set_trust_live(self, alias: str, trust: bool) -> None:
+        """`virsh update-device --live` with another trustGuestRxFilters (libvirt >= 10)."""
+        if self.dom is None:
+            raise GuestError("guest is not running")
+        nic = re.sub(r" trustGuestRxFilters='\w+'", "", self.interface_xml(alias), count=1)
+        word = "yes" if trust else "no"
+        nic = nic.replace("<interface ", f"<interface trustGuestRxFilters='{word}' ", 1)
+        self.dom.updateDeviceFlags(nic, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
     def interfaces(self) -> list[LiveNic]:
         """The NICs of the live domain XML, in order (alias net0, net1, ...)."""
         root = ET.fromstring(self.live_xml())
