@@ -166,27 +166,10 @@ class NicSyncer:
                 attempt, host_read, lambda: _still_ours(hypervisor, trusts, nic)
             )
         except asyncio.CancelledError:
-            self._abandoned(attempt, shutting_down())
+            _abandoned(self.decide, attempt, shutting_down())
             raise
         finally:
             host_read.cancel()
-
-    def _abandoned(self, attempt: _Attempt, shutting_down: bool) -> None:
-        """Shutdown (or the NIC went) with this sync in flight: say what it leaves."""
-        half = bool(attempt.applied) or attempt.in_flight is not None
-        # Only shutdown leaves work that was wanted; a NIC that went needs nothing.
-        level: Level = "warning" if half else "info" if shutting_down else "debug"
-        self.decide(
-            replace(
-                attempt.decision("abandoned", level),
-                stage=attempt.stage,
-                cause=attempt.cause,
-                applied=tuple(attempt.applied),
-                # Sent to the kernel, answer not seen: it may or may not have landed.
-                in_flight=attempt.in_flight,
-                pending=tuple(attempt.pending),
-            )
-        )
 
     async def _steps(
         self,
@@ -346,6 +329,24 @@ class NicSyncer:
             return await hypervisor.domain(uuid) is not None
         except HypervisorError:
             return True  # cannot tell: report the failure
+
+
+def _abandoned(decide: DecisionSink, attempt: _Attempt, shutting_down: bool) -> None:
+    """Shutdown (or the NIC went) with this sync in flight: say what it leaves."""
+    half = bool(attempt.applied) or attempt.in_flight is not None
+    # Only shutdown leaves work that was wanted; a NIC that went needs nothing.
+    level: Level = "warning" if half else "info" if shutting_down else "debug"
+    decide(
+        replace(
+            attempt.decision("abandoned", level),
+            stage=attempt.stage,
+            cause=attempt.cause,
+            applied=tuple(attempt.applied),
+            # Sent to the kernel, answer not seen: it may or may not have landed.
+            in_flight=attempt.in_flight,
+            pending=tuple(attempt.pending),
+        )
+    )
 
 
 def _plan(
