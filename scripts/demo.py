@@ -10,7 +10,6 @@ also after an error or Ctrl-C.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -18,13 +17,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("RXFT_PREFIX", "rxdemo-")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import other_rxfilterd
+from tests.support import guest as stack
+from tests.support.peer import Peer, cleanup_namespaces, quiet_host_ipv6
 
-from bench.common import other_rxfilterd  # noqa: E402
-from tests.support import guest as stack  # noqa: E402
-from tests.support.peer import Peer, cleanup_namespaces, quiet_host_ipv6  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MAC0 = "52:54:00:de:00:01"
 NEW_MAC = "52:54:00:de:ca:fe"
