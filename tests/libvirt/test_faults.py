@@ -26,8 +26,6 @@ from tests.support.guest import (
     RUN_DIR,
     EthernetNic,
     Guest,
-    GuestImage,
-    LibvirtTarget,
     Macvtap,
     Resources,
     create_macvtap,
@@ -37,7 +35,6 @@ from tests.support.guest import (
     prefixed,
 )
 from tests.support.libvirtd import LabLibvirtd
-from tests.support.libvirts import private_libvirtd
 
 pytestmark = pytest.mark.libvirt
 
@@ -103,31 +100,6 @@ def make_daemon(
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def lv(libvirt_stack: GuestImage, libvirt_under_test: LibvirtTarget) -> Iterator[LabLibvirtd]:
-    """Our own libvirtd of the version under test for this module (one an aborted run
-    left is replaced)."""
-    private = private_libvirtd(libvirt_under_test.label)
-    private.close()
-    private.start()
-    try:
-        yield private
-    finally:
-        private.close()
-
-
-@pytest.fixture
-def conn(lv: LabLibvirtd) -> Iterator[Any]:
-    """A connection to our libvirtd; domains left running after the test are destroyed."""
-    c = lv.connect()
-    try:
-        yield c
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            c.close()
-        lv.destroy_domains()
 
 
 class TwoNics:

@@ -8,11 +8,9 @@ run left connected to the host's libvirtd can touch these guests' macvtaps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,6 @@ from tests.support.guest import (
     DirectNic,
     EthernetNic,
     Guest,
-    GuestImage,
     LibvirtTarget,
     NetworkNic,
     Resources,
@@ -32,34 +29,11 @@ from tests.support.guest import (
     prefixed,
 )
 from tests.support.libvirtd import LabLibvirtd
-from tests.support.libvirts import private_libvirtd
 
 pytestmark = pytest.mark.libvirt
 
 MAC = "52:54:00:40:00:{:02x}"
 IPV6 = "2001:db8::40:{:x}"
-
-
-@pytest.fixture(scope="module")
-def lv(libvirt_stack: GuestImage, libvirt_under_test: LibvirtTarget) -> Iterator[LabLibvirtd]:
-    private = private_libvirtd(libvirt_under_test.label)
-    private.close()
-    private.start()
-    try:
-        yield private
-    finally:
-        private.close()
-
-
-@pytest.fixture
-def conn(lv: LabLibvirtd) -> Iterator[Any]:
-    c = lv.connect()
-    try:
-        yield c
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            c.close()
-        lv.destroy_domains()
 
 
 def host(ifname: str) -> dict[str, Any]:
