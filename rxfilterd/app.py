@@ -24,15 +24,16 @@ from rxfilterd import logs
 from rxfilterd.config import Config, ConfigError, split_listen
 from rxfilterd.daemon import Daemon
 from rxfilterd.live import LiveState
-from rxfilterd.macvtap import HostNetwork
+from rxfilterd.macvtap import HostNetwork, pinned_network
 from rxfilterd.notify import Notifier, watchdog_interval
 from rxfilterd.ports import DecisionSink, StateSink, Tracer
-from rxfilterd.stats import Stats
+from rxfilterd.stats import Board
 from rxfilterd.status_server import StatusServer
 from rxfilterd.tracing import combine
 
 if TYPE_CHECKING:
     from rxfilterd.metrics import DaemonMetrics
+    from rxfilterd.pods import PodScanner
     from rxfilterd.publisher import Publisher
 
 log = structlog.get_logger("rxfilterd")
@@ -64,17 +65,21 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     notifier = Notifier()
-    stats = Stats()
-    live = LiveState(stats, config.libvirt.uri)
+    board = Board()
+    live = LiveState(board)
     async with HostNetwork() as network:
         publisher = start_publisher(config)
-        metrics = make_metrics(config, stats, publisher)
+        metrics = make_metrics(config, board, publisher)
         daemon = wire(
-            config, network, notifier, publisher, combine(metrics, tracer), stats, live, metrics
+            config, network, notifier, publisher, combine(metrics, tracer), board, live, metrics
         )
         loop.add_signal_handler(signal.SIGHUP, reload, daemon, forced_dry_run)
         log.info(
-            "starting", config=str(config.path), uri=config.libvirt.uri, dry_run=config.sync.dry_run
+            "starting",
+            config=str(config.path),
+            uri=config.libvirt.uri or None,
+            pods=config.pods.enabled,
+            dry_run=config.sync.dry_run,
         )
         add_sections(live, config, publisher, metrics)
         status_server = StatusServer(Path(config.status.socket), live.snapshot)
@@ -118,7 +123,7 @@ def start_publisher(config: Config) -> Publisher | None:
     return Publisher(config.mqtt)
 
 
-def make_metrics(config: Config, stats: Stats, publisher: Publisher | None) -> DaemonMetrics | None:
+def make_metrics(config: Config, board: Board, publisher: Publisher | None) -> DaemonMetrics | None:
     """With [metrics] listen set, the daemon's metrics (not yet served); None otherwise."""
     if config.metrics.listen is None:
         return None
@@ -131,7 +136,7 @@ def make_metrics(config: Config, stats: Stats, publisher: Publisher | None) -> D
         return publisher.connected, publisher.events.dropped
 
     metrics = DaemonMetrics(
-        stats,
+        board,
         domain_label=config.metrics.domain_label,
         mqtt=mqtt_view if publisher is not None else None,
     )
@@ -172,7 +177,7 @@ def wire(
     notifier: Notifier,
     publisher: Publisher | None,
     tracer: Tracer | None,
-    stats: Stats | None = None,
+    board: Board | None = None,
     live: LiveState | None = None,
     metrics: DaemonMetrics | None = None,
 ) -> Daemon:
@@ -192,8 +197,19 @@ def wire(
         on_ready=[publisher.ready, notifier.ready] if publisher else [notifier.ready],
         on_status=[notifier.status],
         tracer=tracer,
-        stats=stats,
+        board=board,
+        pods=_pod_scanner(config),
+        open_network=pinned_network,
     )
+
+
+def _pod_scanner(config: Config) -> PodScanner | None:
+    """With [pods] enabled, what finds the pods' libvirts; None otherwise."""
+    if not config.pods.enabled:
+        return None
+    from rxfilterd.pods import PodScanner
+
+    return PodScanner(config.pods)
 
 
 def reload(daemon: Daemon, forced_dry_run: bool) -> None:
@@ -211,6 +227,7 @@ def reload(daemon: Daemon, forced_dry_run: bool) -> None:
         logs.configure(new.log.level, new.log.format)
     for key, before, after in (
         ("libvirt.uri", old.libvirt.uri, new.libvirt.uri),
+        ("pods", old.pods, new.pods),
         ("mqtt", old.mqtt, new.mqtt),
         ("metrics", old.metrics, new.metrics),
         ("status", old.status, new.status),
@@ -236,7 +253,7 @@ async def supervise(
             notifier.status(status)
             last_status = status
         now = time.monotonic()
-        due = period is not None and now - last_pet >= period and daemon.stats.connected
+        due = period is not None and now - last_pet >= period and daemon.healthy()
         if due and await _netlink_answers(network):
             notifier.watchdog()
             last_pet = now

@@ -44,6 +44,7 @@ NOT_A_KEY: Mapping[str, bool] = {"key": False}
 
 @dataclass(frozen=True)
 class LibvirtSettings:
+    # The host's libvirt; "" for none (a node whose libvirts all run in pods).
     uri: str = "qemu:///system"
     # Cap for the reconnect backoff, in seconds.
     reconnect_max: float = 30.0
@@ -51,6 +52,32 @@ class LibvirtSettings:
     # nothing: domains with an untrusted macvtap NIC are re-read this often (seconds;
     # 0 turns it off; a revoked trust needs no polling: every write re-checks it).
     trust_poll: float = 1.0
+
+
+def _socket_path(value: str) -> str:
+    if not value.startswith("/") or "\0" in value or "/../" in f"{value}/":
+        raise ValueError(f"{value!r} is not an absolute path without '..'")
+    return value
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """[pods]: libvirt daemons in other mount namespaces (KubeVirt's virt-launcher pods)."""
+
+    enabled: bool = False
+    # Process names (as /proc/PID/comm has them) of a pod's libvirt daemon.
+    daemons: frozenset[str] = frozenset({"virtqemud", "libvirtd"})
+    # Where a pod's daemon listens, inside its own root; the first that exists is used.
+    sockets: tuple[Annotated[str, _socket_path], ...] = (
+        "/run/libvirt/virtqemud-sock",
+        "/run/libvirt/libvirt-sock",
+        "/var/run/libvirt/virtqemud-sock",
+        "/var/run/libvirt/libvirt-sock",
+    )
+    # Only pods whose name (hostname) matches this glob are served.
+    match: str = "*"
+    # Seconds between two looks for pods coming and going.
+    scan_interval: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +176,7 @@ class Config:
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     status: StatusSettings = field(default_factory=StatusSettings)
+    pods: PodSettings = field(default_factory=PodSettings)
     policies: tuple[PolicyRule, ...] = ()
 
     def policy_for(
@@ -189,7 +217,7 @@ def validate(data: Mapping[str, object], path: Path | None = None) -> Config:
     """The settings DATA holds, checked and normalised; reads no file."""
     where = str(path) if path else "<config>"
     for name in data:
-        if name not in ("libvirt", "log", "sync", "mqtt", "metrics", "status", "policy"):
+        if name not in ("libvirt", "log", "sync", "mqtt", "metrics", "status", "pods", "policy"):
             raise ConfigError(f"{where}: unknown section [{name}]")
     config = Config(
         path=path,
@@ -199,6 +227,7 @@ def validate(data: Mapping[str, object], path: Path | None = None) -> Config:
         mqtt=_section(MqttSettings, data, "mqtt", where),
         metrics=_section(MetricsSettings, data, "metrics", where),
         status=_section(StatusSettings, data, "status", where),
+        pods=_section(PodSettings, data, "pods", where),
         policies=_policies(data.get("policy", []), where),
     )
     _check(config, where)
@@ -344,6 +373,13 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: mqtt.tls_cert and mqtt.tls_key go together")
     if mqtt.password_file is not None and mqtt.username is None:
         raise ConfigError(f"{where}: mqtt.password_file: needs mqtt.username")
+    pods = config.pods
+    if pods.enabled and (not pods.daemons or not pods.sockets):
+        raise ConfigError(f"{where}: pods: daemons and sockets must each name at least one")
+    if pods.scan_interval <= 0:
+        raise ConfigError(f"{where}: pods.scan_interval: must be above 0")
+    if not config.libvirt.uri and not pods.enabled:
+        raise ConfigError(f'{where}: libvirt.uri: "" (no host libvirt) needs [pods] enabled')
     if not config.status.socket.startswith("/"):
         raise ConfigError(f"{where}: status.socket: must be an absolute path")
 

@@ -1,15 +1,23 @@
-"""The daemon: one libvirt connection, supervised, and the reconciler behind it.
+"""The daemon: the host's libvirt connection, and one more per pod's libvirt while it runs.
 
-A libvirt in a pod would be one more ConnectionSupervisor with a Reconciler of its
-own, on that pod's host network.
+Each is a Connection (supervisor and reconciler) on the network namespace of its NICs;
+the pods come and go as PodSource sees them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
 
 from rxfilterd.config import Config
+from rxfilterd.connection import Connection, Endpoint
 from rxfilterd.domains import Tracking
 from rxfilterd.hypervisor import Hypervisor
 from rxfilterd.ports import (
@@ -19,25 +27,55 @@ from rxfilterd.ports import (
     StateSink,
     Tracer,
 )
-from rxfilterd.reconciler import Reconciler, Timings
+from rxfilterd.reconciler import Timings
 from rxfilterd.sinks import Sinks
-from rxfilterd.stats import Stats
-from rxfilterd.supervisor import ConnectionSupervisor
+from rxfilterd.stats import Board, Stats
+from rxfilterd.supervisor import wait
+
+log = structlog.get_logger("rxfilterd")
+
+# A pod's connection gets this long to stop once its pod is gone (its syncs in flight
+# get the reconciler's shutdown grace within it).
+POD_STOP = 3.0
+
+
+class PodSource(Protocol):
+    """Protocol: the pods' libvirts now (rxfilterd.pods.PodScanner; fakes in tests)."""
+
+    def scan(self) -> list[Endpoint]: ...
+
+    def wanted(self, endpoint: Endpoint) -> bool: ...
+
+    def alive(self, endpoint: Endpoint) -> bool: ...
+
+
+# Opens the macvtaps of the network namespace at a path (a pod's /proc/PID/ns/net).
+NetworkOpener = Callable[[str], AbstractAsyncContextManager[HostNetworkPort]]
+
+
+@dataclass
+class _Pod:
+    connection: Connection
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    # Holds the pod's network namespace open while the connection serves.
+    resources: AsyncExitStack
 
 
 class Daemon:
-    """Syncs the NICs of config.libvirt.uri's domains through NETWORK's macvtaps.
+    """Syncs the NICs of config.libvirt.uri's domains through NETWORK's macvtaps, and,
+    given PODS, those of every pod's libvirt through its own namespace's (OPEN_NETWORK).
 
     Decisions go to every DECISIONS sink, NIC state to every STATES sink; ON_READY is
-    called once every NIC had its first sync, ON_STATUS with each new status line.
+    called once every host NIC had its first sync, ON_STATUS with each new status line.
     CONNECT opens libvirt connections (fakes in tests); TRACER sees the hot path's
-    steps (metrics, benchmarks); STATS, when given, is where it counts.
+    steps (metrics, benchmarks); BOARD, when given, is where each connection counts.
     """
 
     def __init__(
         self,
         config: Config,
-        network: HostNetworkPort,
+        network: HostNetworkPort | None,
         *,
         decisions: Sequence[DecisionSink] = (),
         states: Sequence[StateSink] = (),
@@ -46,59 +84,162 @@ class Daemon:
         connect: HypervisorFactory = Hypervisor,
         timings: Timings | None = None,
         tracer: Tracer | None = None,
-        stats: Stats | None = None,
+        board: Board | None = None,
+        pods: PodSource | None = None,
+        open_network: NetworkOpener | None = None,
     ) -> None:
-        self.stats = stats or Stats()
+        self.config = config
+        self.board = board or Board()
+        self._decisions = tuple(decisions)
+        self._states = tuple(states)
         self._on_ready = tuple(on_ready)
         self._on_status = tuple(on_status)
+        self._connect = connect
+        self._timings = timings
         self._tracer = tracer
-        self.reconciler = Reconciler(
-            config,
-            network,
-            stats=self.stats,
-            sinks=Sinks(decisions, states),
-            on_ready=self._ready,
-            on_status=self._status,
-            timings=timings,
-            tracer=tracer,
-        )
-        self.supervisor = ConnectionSupervisor(
-            config.libvirt.uri,
-            self.reconciler,
-            connect=connect,
-            reconnect_max=config.libvirt.reconnect_max,
-            stats=self.stats,
-            on_status=self._status,
-            tracer=tracer,
-        )
+        self._pod_source = pods
+        self._open_network = open_network
+        self._pods: dict[str, _Pod] = {}
+        self.host: Connection | None = None
+        if config.libvirt.uri:
+            assert network is not None, "the host's libvirt needs the host's network"
+            self.host = self._connection(Endpoint("host", config.libvirt.uri), network)
 
     @property
-    def config(self) -> Config:
-        return self.reconciler.config
+    def stats(self) -> Stats:
+        """The host connection's counters (a pods-only daemon: all pods' summed)."""
+        return self.host.stats if self.host is not None else self.board.total()
+
+    @property
+    def connections(self) -> list[Connection]:
+        pods = [p.connection for _, p in sorted(self._pods.items())]
+        return ([self.host] if self.host is not None else []) + pods
+
+    def _connection(
+        self, endpoint: Endpoint, network: HostNetworkPort, on_ready: bool = True
+    ) -> Connection:
+        stats = Stats(name=endpoint.name, uri=endpoint.uri)
+        self.board.add(stats)
+        sinks = Sinks(libvirt=endpoint.name, decisions=self._decisions, states=self._states)
+        return Connection(
+            endpoint,
+            self.config,
+            network,
+            sinks=sinks,
+            stats=stats,
+            connect=self._connect,
+            on_ready=self._ready if on_ready else lambda: None,
+            on_status=self._status,
+            timings=self._timings,
+            tracer=self._tracer,
+        )
 
     def reload(self, config: Config) -> None:
-        """New settings take effect from the next sync of each NIC (the URI at restart)."""
-        self.reconciler.reload(config)
-        self.supervisor.reconnect_max = config.libvirt.reconnect_max
+        """New settings take effect from the next sync of each NIC (URIs and [pods] at restart)."""
+        self.config = config
+        for connection in self.connections:
+            connection.reload(config)
 
     def status(self) -> str:
-        return self.stats.summary(self.stats.nics_synced)
+        return self.board.summary()
+
+    def healthy(self) -> bool:
+        """For the watchdog: the host's libvirt is connected (pods come and go)."""
+        return self.host is None or self.host.stats.connected
 
     def tracking(self) -> Tracking:
-        return self.reconciler.tracking()
+        assert self.host is not None
+        return self.host.reconciler.tracking()
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._tracer is not None:
             self._tracer.started(self.stats)
+        tasks = [self.host.start(stop)] if self.host is not None else []
+        if self.host is None:
+            self._ready()  # nothing of the host's to wait for; pods come when they come
         try:
-            await self.supervisor.run(stop)
+            if self._pod_source is not None:
+                tasks.append(asyncio.create_task(self._watch_pods(stop), name="pods"))
+            await asyncio.gather(*tasks)
         finally:
-            self.reconciler.close()
+            for task in tasks:
+                task.cancel()
+            await self._drop_pods(list(self._pods), "stopping")
             self._status()
             if self._tracer is not None:
                 self._tracer.stopped(self.stats)
 
+    async def _watch_pods(self, stop: asyncio.Event) -> None:
+        """Serve each pod's libvirt while it runs: a scan every [pods] scan_interval."""
+        assert self._pod_source is not None
+        source = self._pod_source
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                found = await asyncio.to_thread(source.scan)
+            except OSError as exc:  # /proc unreadable: say so, keep what runs
+                log.error("pods: cannot scan", error=str(exc))
+                found = None
+            if found is not None:
+                await self._follow_pods([e for e in found if source.wanted(e)], stop)
+            spent = time.monotonic() - started
+            await wait(stop, max(0.0, self.config.pods.scan_interval - spent))
+
+    async def _follow_pods(self, found: list[Endpoint], stop: asyncio.Event) -> None:
+        now = {e.name: e for e in found}
+        gone = [n for n, pod in self._pods.items() if now.get(n) != pod.connection.endpoint]
+        await self._drop_pods(gone, "gone")
+        # A connection that ended by itself failed: dropped now, served again next scan.
+        await self._drop_pods([n for n, pod in self._pods.items() if pod.task.done()], "failed")
+        for endpoint in found:
+            if endpoint.name not in self._pods and not stop.is_set():
+                await self._add_pod(endpoint, stop)
+
+    async def _add_pod(self, endpoint: Endpoint, stop: asyncio.Event) -> None:
+        assert self._pod_source is not None and self._open_network is not None
+        assert endpoint.netns is not None
+        resources = AsyncExitStack()
+        try:
+            network = await resources.enter_async_context(self._open_network(endpoint.netns))
+        except Exception as exc:  # gone meanwhile, or not ours to enter: next scan says
+            await resources.aclose()
+            log.warning("pod: cannot open its network", libvirt=endpoint.name, error=str(exc))
+            return
+        # The namespace is held open now: if the pid still names the same process,
+        # it is the pod's, whatever happens to the pid later.
+        if not self._pod_source.alive(endpoint):
+            await resources.aclose()
+            return
+        connection = self._connection(endpoint, network, on_ready=False)
+        pod_stop = asyncio.Event()
+        task = connection.start(pod_stop)
+        self._pods[endpoint.name] = _Pod(connection, pod_stop, task, resources)
+        log.info("pod found", libvirt=endpoint.name, uri=endpoint.uri, pid=endpoint.pid)
+        self._status()
+
+    async def _drop_pods(self, names: list[str], why: str) -> None:
+        pods = [(name, self._pods.pop(name)) for name in names if name in self._pods]
+        for _, pod in pods:
+            pod.stop.set()
+        for name, pod in pods:
+            try:
+                await asyncio.wait_for(asyncio.shield(pod.task), POD_STOP)
+            except TimeoutError:
+                pod.task.cancel()
+                log.warning("pod: stop timed out; in-flight work abandoned", libvirt=name)
+            with contextlib.suppress(asyncio.CancelledError):
+                if (error := await _ended(pod.task)) is not None:
+                    log.error("pod: connection failed", libvirt=name, error=error)
+            if why != "stopping":  # the pod's NICs are gone with it
+                pod.connection.reconciler.withdraw()
+            await pod.resources.aclose()
+            self.board.remove(name)
+            log.info("pod dropped", libvirt=name, why=why)
+        if pods:
+            self._status()
+
     def _ready(self) -> None:
+        """Every host NIC had its first sync."""
         for ready in self._on_ready:
             ready()
 
@@ -106,3 +247,12 @@ class Daemon:
         line = self.status()
         for status in self._on_status:
             status(line)
+
+
+async def _ended(task: asyncio.Task[None]) -> str | None:
+    """Await a finished or finishing TASK; what it raised, if anything."""
+    try:
+        await task
+    except Exception as exc:  # reported, not raised: the other connections go on
+        return f"{type(exc).__name__}: {exc}"
+    return None

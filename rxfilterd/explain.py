@@ -11,9 +11,11 @@ import json
 import sys
 
 from rxfilterd.config import Config
+from rxfilterd.connection import Endpoint
 from rxfilterd.hypervisor import Hypervisor, HypervisorError
 from rxfilterd.inventory import NicReport, handling_notes, survey
-from rxfilterd.macvtap import HostNetwork
+from rxfilterd.macvtap import HostNetwork, pinned_network
+from rxfilterd.pods import PodScanner
 from rxfilterd.policy import ALL_FIELDS
 from rxfilterd.records import EXPLAIN_COLUMNS, NicRow, format_table
 
@@ -42,18 +44,44 @@ def run(config: Config, *, as_json: bool, only: str | None, notes: bool = False)
 
 
 async def _survey(config: Config, only: str | None) -> tuple[list[NicReport], list[Notes]]:
-    hypervisor = Hypervisor(config.libvirt.uri, lambda _event: None, subscribe=False)
+    """Every connection's NICs: the host's libvirt's, then each pod's ([pods] enabled)."""
+    reports: list[NicReport] = []
+    handling: list[Notes] = []
+    endpoints = [Endpoint("host", config.libvirt.uri)] if config.libvirt.uri else []
+    if config.pods.enabled:
+        scanner = PodScanner(config.pods)
+        endpoints += [e for e in scanner.scan() if scanner.wanted(e)]
+    for endpoint in endpoints:
+        try:
+            found = await _survey_one(config, endpoint, only)
+        except HypervisorError as exc:
+            if endpoint.name == "host":
+                raise
+            # A pod may end while we look: say so, and go on with the others.
+            print(f"rxfilterd: cannot query {endpoint.name}: {exc}", file=sys.stderr)
+            continue
+        reports += [r for r, _ in found]
+        handling += [n for _, n in found]
+    return reports, handling
+
+
+async def _survey_one(
+    config: Config, endpoint: Endpoint, only: str | None
+) -> list[tuple[NicReport, Notes]]:
+    hypervisor = Hypervisor(endpoint.uri, lambda _event: None, subscribe=False)
     try:
         await hypervisor.connect()
-        async with HostNetwork() as network:
-            reports = [
-                r for r in await survey(hypervisor, network) if only is None or r.nic.domain == only
+        network_cm = HostNetwork() if endpoint.netns is None else pinned_network(endpoint.netns)
+        async with network_cm as network:
+            reports = await survey(endpoint.name, hypervisor, network)
+            return [
+                (r, await _notes(config, r, network))
+                for r in reports
+                if only is None or r.nic.domain == only
             ]
-            handling = [await _notes(config, r, network) for r in reports]
     finally:
         await hypervisor.close()
         hypervisor.shutdown()
-    return reports, handling
 
 
 async def _notes(config: Config, report: NicReport, network: HostNetwork) -> Notes:

@@ -53,28 +53,35 @@ def _text(value: object) -> str:
 def rows(messages: list[FleetMessage]) -> list[dict[str, str]]:
     """One row per NIC, plus one per host that has a status but no NIC."""
     status: dict[str, str] = {}
-    nics: dict[tuple[str, str, str], Payload] = {}
+    nics: dict[tuple[str, str, str, str], Payload] = {}
     for message in messages:
         topic = message.topic
         if topic.kind == "status":
             status[topic.host] = status_word(message.payload)
         elif topic.kind == "nic" and message.payload:
-            nics[(topic.host, topic.domain, topic.alias)] = decode(message.payload) or {}
+            key = (topic.host, topic.libvirt, topic.domain, topic.alias)
+            nics[key] = decode(message.payload) or {}
     out = []
-    for (host, domain, alias), state in nics.items():
+    for (host, libvirt, domain, alias), state in nics.items():
         host_state = state.get("host")
         mac = host_state.get("mac") if isinstance(host_state, dict) else None
         row = {c: _text(state.get(c)) for c in FLEET_COLUMNS}
         out.append(
             row
-            | {"host": host, "status": status.get(host, "?"), "domain": domain, "alias": alias}
+            | {
+                "host": host,
+                "status": status.get(host, "?"),
+                "libvirt": libvirt,
+                "domain": domain,
+                "alias": alias,
+            }
             | {"mac": _text(mac), "last_sync": _clock(state.get("last_sync"))}
         )
     with_nics = {key[0] for key in nics}
     for host, word in status.items():
         if host not in with_nics:
             out.append({c: "" for c in FLEET_COLUMNS} | {"host": host, "status": word})
-    out.sort(key=lambda r: (r["host"], r["domain"], r["alias"]))
+    out.sort(key=lambda r: (r["host"], r["libvirt"], r["domain"], r["alias"]))
     return out
 
 
@@ -134,6 +141,8 @@ class LiveFormatter:
         if event is None:
             return f"{_clock(time.time())}  {topic.host}  ?  unreadable event payload"
         nic = f"{event.get('domain', '?')}/{event.get('alias', '?')}"
+        if event.get("libvirt", "host") != "host":  # a pod's: say which
+            nic = f"{event.get('libvirt')}:{nic}"
         parts = [
             _clock(event.get("time")) or "?",
             topic.host,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from rxfilterd.events import RunningDomain
 from rxfilterd.host_state import MacvtapError
+from rxfilterd.libvirt_handler import VIRTIO_MODELS
 from rxfilterd.nic import DomainXmlError, Nic, Verdict, classify, parse_domain_nics
 from rxfilterd.plan import handling
 from rxfilterd.policy import SyncPolicy
@@ -34,6 +35,7 @@ class NicReport:
     def row(self) -> NicRow:
         """The NIC as `explain` lists it."""
         return NicRow(
+            libvirt=self.nic.libvirt,
             domain=self.nic.domain,
             alias=self.nic.alias,
             ifname=self.nic.ifname or "",
@@ -102,26 +104,29 @@ class TrustResolver:
 async def survey_nic(nic: Nic, network: HostNetworkPort, trusts: TrustResolver) -> NicReport:
     trust = await trusts.trust(nic)
     # Only a candidate's device is looked at, and only by the name its domain gave.
-    candidate = nic.model == "virtio" and nic.type in ("direct", "ethernet") and nic.ifname
+    candidate = nic.model in VIRTIO_MODELS and nic.type in ("direct", "ethernet") and nic.ifname
     is_macvtap = bool(candidate) and await network.is_macvtap(nic.ifname or "")
     return NicReport(nic, trust, classify(nic, trust, is_macvtap))
 
 
 async def survey_domain(
-    domain: RunningDomain, network: HostNetworkPort, trusts: TrustResolver
+    libvirt: str, domain: RunningDomain, network: HostNetworkPort, trusts: TrustResolver
 ) -> list[NicReport]:
+    """DOMAIN's NICs, found on the connection named LIBVIRT, each with trust and verdict."""
     try:
-        nics = parse_domain_nics(domain.xml)
+        nics = parse_domain_nics(domain.xml, libvirt)
     except DomainXmlError:
         return []
     return [await survey_nic(nic, network, trusts) for nic in nics]
 
 
-async def survey(hypervisor: HypervisorPort, network: HostNetworkPort) -> list[NicReport]:
+async def survey(
+    libvirt: str, hypervisor: HypervisorPort, network: HostNetworkPort
+) -> list[NicReport]:
     trusts = TrustResolver(hypervisor)
     reports = []
     for domain in sorted(await hypervisor.running_domains(), key=lambda d: d.name):
-        reports += await survey_domain(domain, network, trusts)
+        reports += await survey_domain(libvirt, domain, network, trusts)
     return reports
 
 

@@ -19,6 +19,10 @@ from typing import Final
 # What libvirt's handler writes on the NICs it syncs, whatever rxfilterd's policy says.
 LIBVIRT_WRITES: Final = ("mac", "promiscuous", "allmulti", "multicast")
 
+# The NIC models libvirt counts as virtio (virDomainNetIsVirtioModel): its trust and
+# its own handler cover all three, and KubeVirt gives its NICs virtio-non-transitional.
+VIRTIO_MODELS: Final = frozenset({"virtio", "virtio-transitional", "virtio-non-transitional"})
+
 # The oldest libvirt rxfilterd supports, and why: network ports (5.5) carry the trust
 # of a running network NIC, and 9.0 is the oldest this project tests.
 OLDEST: Final = 9_000_000
@@ -33,7 +37,7 @@ def version_text(version: int) -> str:
 
 def syncs_itself(nic_type: str, model: str | None, trusted: bool) -> bool:
     """Whether libvirt's own handler writes this NIC's macvtap (its live XML type)."""
-    return trusted and nic_type == "direct" and model == "virtio"
+    return trusted and nic_type == "direct" and model in VIRTIO_MODELS
 
 
 def trust_changes_live(version: int) -> bool:

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 
 import rxfilterd
-from rxfilterd.records import Decision, JsonObject, NicState
-from rxfilterd.stats import Stats
+from rxfilterd.records import Decision, JsonObject, NicKey, NicState
+from rxfilterd.stats import Board
 
 # How many refusals and errors `status` shows, newest last.
 RECENT = 20
@@ -26,6 +26,7 @@ MAX_NICS = 1000
 _KEYS = (
     "time",
     "event",
+    "libvirt",
     "domain",
     "alias",
     "ifname",
@@ -43,11 +44,10 @@ _ERRORS = ("failed", "rejected")
 class LiveState:
     """What the daemon knows now, as `status` shows it."""
 
-    def __init__(self, stats: Stats, uri: str, *, started: float | None = None) -> None:
-        self.stats = stats
-        self.uri = uri
+    def __init__(self, board: Board, *, started: float | None = None) -> None:
+        self.board = board
         self.started = time.time() if started is None else started
-        self.nics: dict[tuple[str, str], NicState] = {}
+        self.nics: dict[NicKey, NicState] = {}
         # Kept as they came (frozen); rendered only when status is asked.
         self.refusals: collections.deque[Decision] = collections.deque(maxlen=RECENT)
         self.errors: collections.deque[Decision] = collections.deque(maxlen=RECENT)
@@ -62,15 +62,15 @@ class LiveState:
         elif decision.event in _ERRORS:
             self.errors.append(decision)
 
-    def nic_state(self, domain: str, alias: str, state: NicState | None) -> None:
+    def nic_state(self, key: NicKey, state: NicState | None) -> None:
         if state is None:
-            self.nics.pop((domain, alias), None)
+            self.nics.pop(key, None)
         else:
-            self.nics[(domain, alias)] = state
+            self.nics[key] = state
 
     def snapshot(self) -> JsonObject:
         """The status answer: plain JSON values, bounded in size."""
-        stats, now = self.stats, time.time()
+        total, now = self.board.total(), time.time()
         keys = sorted(self.nics)
         return {
             "version": rxfilterd.__version__,
@@ -79,18 +79,21 @@ class LiveState:
             "uptime_seconds": round(now - self.started, 1),
             "connections": [
                 {
-                    "uri": self.uri,
+                    "libvirt": stats.name,
+                    "uri": stats.uri,
                     "connected": stats.connected,
                     "libvirt_version": stats.libvirt_version_text,
                     "away_since": stats.away_since,
                     "last_error": stats.last_error,
+                    "nics_synced": stats.nics_synced,
                 }
+                for stats in self.board.connections.values()
             ],
             "counters": {
-                "nics_synced": stats.nics_synced,
-                "queries": stats.queries,
-                "syncs": stats.syncs,
-                "changes_applied": stats.writes,
+                "nics_synced": total.nics_synced,
+                "queries": total.queries,
+                "syncs": total.syncs,
+                "changes_applied": total.writes,
                 "decisions": dict(sorted(self.decisions.items())),
             },
             **{name: section() for name, section in self.sections.items()},

@@ -8,7 +8,9 @@ in one network namespace.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 from rxfilterd.host_state import HostState, MacvtapError
@@ -18,7 +20,7 @@ from rxfilterd.netns_handles import NetnsHandles
 from rxfilterd.plan import Change
 
 # MacvtapError lives in host_state (the reconciler needs it without pyroute2).
-__all__ = ["HostNetwork", "MacvtapError"]
+__all__ = ["HostNetwork", "MacvtapError", "pinned_network"]
 
 
 class HostNetwork:
@@ -55,3 +57,18 @@ class HostNetwork:
     async def apply(self, state: HostState, changes: Sequence[Change]) -> None:
         """Apply CHANGES in order to the link STATE was read from."""
         await self._writer.apply(state, changes)
+
+
+@contextlib.asynccontextmanager
+async def pinned_network(netns: str) -> AsyncIterator[HostNetwork]:
+    """The macvtaps of the namespace at NETNS (a pod's /proc/PID/ns/net), held open.
+
+    Every handle is entered through our own descriptor of the namespace, never its
+    path again: a pid reused later cannot redirect a write to another namespace.
+    """
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        async with HostNetwork(f"/proc/self/fd/{fd}") as network:
+            yield network
+    finally:
+        os.close(fd)

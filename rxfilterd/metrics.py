@@ -37,8 +37,8 @@ from prometheus_client.registry import Collector
 import rxfilterd
 from rxfilterd.events import DomainChanged, HypervisorEvent, RxFilterChanged
 from rxfilterd.ports import TraceStep
-from rxfilterd.records import Decision, NicState
-from rxfilterd.stats import Stats
+from rxfilterd.records import Decision, NicKey, NicState
+from rxfilterd.stats import Board, Stats
 
 log = structlog.get_logger("rxfilterd")
 
@@ -59,12 +59,14 @@ MqttView = Callable[[], tuple[bool, int]]
 class _Snapshot(Collector):
     """What is read at scrape time: Stats' counters and connection, MQTT, rxfilterd_info."""
 
-    def __init__(self, stats: Stats, mqtt: MqttView | None) -> None:
-        self._stats = stats
+    def __init__(self, board: Board, mqtt: MqttView | None) -> None:
+        self._board = board
         self._mqtt = mqtt
 
     def collect(self) -> Iterable[Metric]:
-        stats = self._stats
+        # A copy: pods come and go on the event loop while this runs on the scrape thread.
+        connections = list(self._board.connections.values())
+        stats = self._board.host or (connections[0] if connections else Stats())
         info = InfoMetricFamily("rxfilterd", "rxfilterd's version and the connected libvirt's")
         info.add_metric(
             [],
@@ -77,12 +79,17 @@ class _Snapshot(Collector):
         yield CounterMetricFamily(
             "rxfilterd_queries",
             "query-rx-filter calls made (each re-arms QEMU's event for the NIC)",
-            value=stats.queries,
+            value=sum(c.queries for c in connections),
         )
         yield GaugeMetricFamily(
             "rxfilterd_libvirt_connections_up",
-            "libvirt connections currently up",
-            value=1 if stats.connected else 0,
+            "libvirt connections currently up (the host's and each pod's)",
+            value=sum(c.connected for c in connections),
+        )
+        yield GaugeMetricFamily(
+            "rxfilterd_libvirt_connections",
+            "libvirt connections served (the host's and each pod's)",
+            value=len(connections),
         )
         if self._mqtt is not None:
             connected, dropped = self._mqtt()
@@ -105,14 +112,15 @@ class DaemonMetrics:
     """
 
     def __init__(
-        self, stats: Stats, *, domain_label: bool = False, mqtt: MqttView | None = None
+        self, board: Board, *, domain_label: bool = False, mqtt: MqttView | None = None
     ) -> None:
         # No *_created series: they double the series count and no dashboard reads them.
         # (A process-wide switch; the daemon has no other registry.)
         cast(Callable[[], None], disable_created_metrics)()  # untyped in 0.26
         self.registry = CollectorRegistry()
         self.domain_label = domain_label
-        by = ["domain"] if domain_label else []
+        # A domain's name is unique only within its libvirt (pods): both label it.
+        by = ["libvirt", "domain"] if domain_label else []
         r = self.registry
         self.events = Counter(
             "rxfilterd_events",
@@ -169,7 +177,7 @@ class DaemonMetrics:
             [*by, "trust", "action"],
             registry=r,
         )
-        r.register(_Snapshot(stats, mqtt))
+        r.register(_Snapshot(board, mqtt))
         ProcessCollector(registry=r)
         if not domain_label:  # series at 0 from the start, so rate() sees the first one
             for result in SYNC_RESULTS:
@@ -181,8 +189,8 @@ class DaemonMetrics:
                     self.nics.labels(trust=trust, action=action)
             self.retries.inc(0)
         self.events.labels(kind="rx_filter_changed")
-        # NIC (domain, alias) -> its (trust, action) and when the last sync seen ended.
-        self._nics: dict[tuple[str, str], tuple[str, str, float | None]] = {}
+        # NIC -> its (trust, action) and when the last sync seen ended.
+        self._nics: dict[NicKey, tuple[str, str, float | None]] = {}
         self._nic_counts: collections.Counter[tuple[str, ...]] = collections.Counter()
         # NIC -> QEMU's timestamp of the earliest event no sync has answered yet.
         self._pending: dict[tuple[str, str], float] = {}
@@ -192,13 +200,13 @@ class DaemonMetrics:
         self._query_ended: dict[str, float] = {}
         self._server: Any = None
 
-    def _by(self, domain: str) -> dict[str, str]:
-        return {"domain": domain} if self.domain_label else {}
+    def _by(self, libvirt: str, domain: str) -> dict[str, str]:
+        return {"libvirt": libvirt, "domain": domain} if self.domain_label else {}
 
     # The decision sink.
     def decision(self, decision: Decision) -> None:
         self.decisions.labels(event=decision.event).inc()
-        by = self._by(decision.domain)
+        by = self._by(decision.libvirt, decision.domain)
         if decision.event == "applied" and decision.change is not None:
             self.applied.labels(**by, field=decision.change.field).inc()
             key = (decision.domain, decision.alias)
@@ -216,23 +224,26 @@ class DaemonMetrics:
             ).inc()
 
     # The state sink.
-    def nic_state(self, domain: str, alias: str, state: NicState | None) -> None:
-        key = (domain, alias)
-        before = self._nics.pop(key, None)
+    def nic_state(self, nic: NicKey, state: NicState | None) -> None:
+        # Latency is keyed as the tracer sees events, by domain and alias (two pods'
+        # same-named NICs may share a pending start: a histogram sample, no identity).
+        key = nic[1:]
+        before = self._nics.pop(nic, None)
         if before is not None:
-            self._count(domain, before[0], before[1], -1)
+            self._count(nic, before[0], before[1], -1)
         if state is None:
             self._pending.pop(key, None)
             self._observed.discard(key)
             return
         trust, action = state.row.trust, state.row.action
-        self._nics[key] = (trust, action, state.last_sync)
-        self._count(domain, trust, action, +1)
+        self._nics[nic] = (trust, action, state.last_sync)
+        self._count(nic, trust, action, +1)
         if state.last_sync is not None and (before is None or before[2] != state.last_sync):
-            self._sync_ended(key, state)
+            self._sync_ended(nic, state)
 
-    def _sync_ended(self, key: tuple[str, str], state: NicState) -> None:
-        by = self._by(key[0])
+    def _sync_ended(self, nic: NicKey, state: NicState) -> None:
+        key = nic[1:]
+        by = self._by(nic[0], nic[1])
         result = state.result.split(":", 1)[0]
         self.syncs.labels(**by, result=result).inc()
         if state.cause == "retry":
@@ -246,8 +257,8 @@ class DaemonMetrics:
         if since is not None and (ended is None or since <= ended):
             del self._pending[key]
 
-    def _count(self, domain: str, trust: str, action: str, delta: int) -> None:
-        labels = (*((domain,) if self.domain_label else ()), trust, action)
+    def _count(self, nic: NicKey, trust: str, action: str, delta: int) -> None:
+        labels = (*(nic[:2] if self.domain_label else ()), trust, action)
         self._nic_counts[labels] += delta
         count = self._nic_counts[labels]
         if count <= 0 and self.domain_label:

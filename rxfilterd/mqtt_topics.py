@@ -51,8 +51,9 @@ class Topics:
     def nic_filter(self) -> str:
         return f"{self.base}/nic/#"
 
-    def nic(self, domain: str, alias: str) -> str:
-        return f"{self.base}/nic/{topic_segment(domain)}/{topic_segment(alias)}"
+    def nic(self, libvirt: str, domain: str, alias: str) -> str:
+        levels = "/".join(topic_segment(name) for name in (libvirt, domain, alias))
+        return f"{self.base}/nic/{levels}"
 
 
 TopicKind = Literal["status", "events", "nic"]
@@ -62,6 +63,7 @@ TopicKind = Literal["status", "events", "nic"]
 class ParsedTopic:
     host: str
     kind: TopicKind
+    libvirt: str = ""
     domain: str = ""
     alias: str = ""
 
@@ -74,8 +76,9 @@ def parse_topic(prefix: str, topic: str) -> ParsedTopic | None:
     if len(parts) == 2 and parts[1] in ("status", "events") and parts[0]:
         kind: TopicKind = "status" if parts[1] == "status" else "events"
         return ParsedTopic(parts[0], kind)
-    if len(parts) == 4 and parts[1] == "nic" and all(parts):
-        return ParsedTopic(parts[0], "nic", unescape_segment(parts[2]), unescape_segment(parts[3]))
+    if len(parts) == 5 and parts[1] == "nic" and all(parts):
+        libvirt, domain, alias = (unescape_segment(p) for p in parts[2:])
+        return ParsedTopic(parts[0], "nic", libvirt, domain, alias)
     return None
 
 

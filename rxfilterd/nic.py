@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Literal
 
-from rxfilterd.libvirt_handler import LIBVIRT_WRITES, syncs_itself
+from rxfilterd.libvirt_handler import LIBVIRT_WRITES, VIRTIO_MODELS, syncs_itself
 from rxfilterd.trust import Trust, parse_tristate
 
 Action = Literal["sync", "skip"]
@@ -16,6 +16,8 @@ Action = Literal["sync", "skip"]
 class Nic:
     """One <interface> of a running domain (live XML, so the actual type is shown)."""
 
+    # The connection the domain was found on ("host", "pod/<name>"): where it lives.
+    libvirt: str
     domain: str
     uuid: str
     alias: str
@@ -37,7 +39,8 @@ class DomainXmlError(ValueError):
     """Domain XML that cannot be parsed."""
 
 
-def parse_domain_nics(xml: str) -> list[Nic]:
+def parse_domain_nics(xml: str, libvirt: str) -> list[Nic]:
+    """The NICs of a running domain's live XML, found on the connection named LIBVIRT."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
@@ -55,6 +58,7 @@ def parse_domain_nics(xml: str) -> list[Nic]:
         source = iface.find("source")
         nics.append(
             Nic(
+                libvirt=libvirt,
                 domain=name,
                 uuid=uuid,
                 alias=alias.get("name", ""),
@@ -82,7 +86,7 @@ class Verdict:
 
 def classify(nic: Nic, trust: Trust, ifname_is_macvtap: bool) -> Verdict:
     """Whether rxfilterd syncs NIC; the first reason that rules it out otherwise."""
-    if nic.model != "virtio":
+    if nic.model not in VIRTIO_MODELS:
         return Verdict("skip", "not virtio", False)
     if nic.type not in ("direct", "ethernet") or not nic.ifname or not ifname_is_macvtap:
         return Verdict("skip", "not a macvtap", False)

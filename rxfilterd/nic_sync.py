@@ -79,12 +79,22 @@ class _Attempt:
         """A decision about this NIC; the caller adds what it is about."""
         nic = self.nic.report.nic
         return Decision(
-            event=event, level=level, domain=nic.domain, alias=nic.alias, ifname=nic.ifname
+            event=event,
+            level=level,
+            libvirt=nic.libvirt,
+            domain=nic.domain,
+            alias=nic.alias,
+            ifname=nic.ifname,
         )
 
     def log_fields(self) -> dict[str, str | None]:
         nic = self.nic.report.nic
-        return {"domain": nic.domain, "alias": nic.alias, "ifname": nic.ifname}
+        return {
+            "libvirt": nic.libvirt,
+            "domain": nic.domain,
+            "alias": nic.alias,
+            "ifname": nic.ifname,
+        }
 
 
 class NicSyncer:
@@ -378,7 +388,7 @@ async def _still_ours(hypervisor: HypervisorPort, trusts: TrustResolver, nic: Ni
     if xml is None:
         return "the domain is not running"
     try:
-        found = [n for n in parse_domain_nics(xml) if n.alias == synced.alias]
+        found = [n for n in parse_domain_nics(xml, synced.libvirt) if n.alias == synced.alias]
     except DomainXmlError:
         return "its domain XML is unreadable"
     if not found:

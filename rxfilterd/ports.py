@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 from rxfilterd.events import HypervisorEvent, RunningDomain, RxFilterChanged
 from rxfilterd.host_state import HostState
 from rxfilterd.plan import Change
-from rxfilterd.records import Decision, NicState
+from rxfilterd.records import Decision, NicKey, NicState
 from rxfilterd.stats import Stats
 
 # Where a connection hands its events (on the event loop's thread).
@@ -83,7 +83,7 @@ class DecisionSink(Protocol):
 class StateSink(Protocol):
     """Protocol: takes each NIC's latest state, None once the NIC is gone; must not block."""
 
-    def __call__(self, domain: str, alias: str, state: NicState | None, /) -> None: ...
+    def __call__(self, key: NicKey, state: NicState | None, /) -> None: ...
 
 
 # The steps of a sync a Tracer sees: the query (as the reconciler awaits it), the

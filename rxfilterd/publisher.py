@@ -24,22 +24,22 @@ import rxfilterd
 from rxfilterd.config import MqttSettings
 from rxfilterd.mqtt_client import BrokerHealth, make_client, refusal
 from rxfilterd.mqtt_topics import TopicError, Topics
-from rxfilterd.records import Decision, JsonObject, JsonValue, NicState
+from rxfilterd.records import Decision, JsonObject, JsonValue, NicKey, NicState
 
 log = structlog.get_logger("rxfilterd")
 
-# Each payload's schema version (docs/mqtt.md). Events are at 2: they no longer repeat
-# their name as `action` (which is a NIC's verdict, sync or skip, in the NIC state).
+# Each payload's schema version (docs/mqtt.md). Events are at 3 and NIC state at 2:
+# both name the libvirt connection (`libvirt`: host, pod/<name>), and a NIC's topic
+# has that level too. (Events at 2 stopped repeating their name as `action`.)
 STATUS_SCHEMA = 1
-NIC_SCHEMA = 1
-EVENT_SCHEMA = 2
+NIC_SCHEMA = 2
+EVENT_SCHEMA = 3
 # After a (re)connect: how long retained NIC topics from an earlier run take to arrive.
 SWEEP_COLLECT = 1.0
 # Clean shutdown: flush what is pending, then "offline", within about a second.
 CLOSE_FLUSH = 0.5
 CLOSE_BUDGET = 1.0
 
-NicKey = tuple[str, str]
 _T = TypeVar("_T")
 
 
@@ -143,17 +143,23 @@ class Publisher:
         self.events.put((self._seq, decision))
         self._wake.set()
 
-    def nic_state(self, domain: str, alias: str, state: NicState | None) -> None:
+    def nic_state(self, key: NicKey, state: NicState | None) -> None:
         """A state sink: remember the NIC's latest state (None: gone)."""
         if self._frozen:
             return
-        key = (domain, alias)
         try:
-            self.topics.nic(domain, alias)
+            self.topics.nic(*key)
         except TopicError as exc:
             if key not in self._bad_names:
                 self._bad_names.add(key)
-                log.warning("mqtt: NIC not published", domain=domain, alias=alias, error=str(exc))
+                libvirt, domain, alias = key
+                log.warning(
+                    "mqtt: NIC not published",
+                    libvirt=libvirt,
+                    domain=domain,
+                    alias=alias,
+                    error=str(exc),
+                )
             return
         self._latest[key] = state
         self._dirty.add(key)
@@ -259,7 +265,7 @@ class Publisher:
             await self._ready.wait()
             if self._frozen:
                 return
-            current = {self.topics.nic(d, a) for (d, a), s in self._latest.items() if s}
+            current = {self.topics.nic(*key) for key, s in self._latest.items() if s}
             for topic in sorted(seen - current):
                 await self._publish(client, topic, b"", retain=True)
                 log.info("mqtt: cleared stale NIC state", topic=topic)

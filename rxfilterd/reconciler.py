@@ -73,6 +73,8 @@ class Reconciler:
         self.network = network
         self.stats = stats or Stats()
         self.sinks = sinks or Sinks()
+        # The connection's name, on every NIC it finds ("host", "pod/<name>").
+        self.libvirt = self.sinks.libvirt
         self.timings = timings = timings or Timings()
         self._on_ready = on_ready
         self._on_status = on_status
@@ -107,6 +109,12 @@ class Reconciler:
         """The reconciler will not serve again: no ready notice any more."""
         if self._ready_task is not None:
             self._ready_task.cancel()
+
+    def withdraw(self) -> None:
+        """Its libvirt is gone for good (a pod ended): every NIC it knew is gone too."""
+        for domain, alias in sorted(self._domains.unconfirmed):
+            self.sinks.nic_gone(domain, alias)
+        self._domains.unconfirmed.clear()
 
     # The session the supervisor runs on each connection.
     async def serve(
@@ -184,7 +192,7 @@ class Reconciler:
             for domain in [d for d in self._domains.by_uuid.values() if _may_be_granted(d)]:
                 try:
                     xml = await hypervisor.domain_xml(domain.uuid)
-                    nics = {n.alias: n for n in parse_domain_nics(xml or "<domain/>")}
+                    nics = {n.alias: n for n in parse_domain_nics(xml or "<domain/>", self.libvirt)}
                 except (HypervisorError, DomainXmlError):
                     continue  # the domain worker and the resync deal with these
                 known = {alias: report.nic for alias, report in domain.reports.items()}
@@ -254,7 +262,7 @@ class Reconciler:
             self._domains.worker(found.uuid, found.name)
             domain = self._domains.by_uuid[found.uuid]
             try:
-                reports = await survey_domain(found, self.network, trusts)
+                reports = await survey_domain(self.libvirt, found, self.network, trusts)
             except (HypervisorError, MacvtapError) as exc:
                 log.warning("cannot read domain", domain=found.name, error=str(exc))
                 continue
@@ -274,7 +282,7 @@ class Reconciler:
                 self._domains.drop(domain.uuid, "not running", hypervisor)
                 return
             trusts = TrustResolver(hypervisor, self._domains.ports)
-            reports = await survey_domain(found, self.network, trusts)
+            reports = await survey_domain(self.libvirt, found, self.network, trusts)
         except (HypervisorError, MacvtapError) as exc:
             self.stats.error(f"reading domain {domain.uuid}: {exc}")
             log.warning("cannot read domain", uuid=domain.uuid, error=str(exc))

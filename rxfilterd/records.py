@@ -53,6 +53,8 @@ class Decision:
     """
 
     event: DecisionEvent
+    # The connection the NIC's domain lives on: "host", or "pod/<name>" for a pod's libvirt.
+    libvirt: str
     domain: str
     alias: str
     ifname: str | None
@@ -94,7 +96,12 @@ class Decision:
 
         Not the event, time or level (each sink has its own place for those).
         """
-        out: JsonObject = {"domain": self.domain, "alias": self.alias, "ifname": self.ifname}
+        out: JsonObject = {
+            "libvirt": self.libvirt,
+            "domain": self.domain,
+            "alias": self.alias,
+            "ifname": self.ifname,
+        }
         if self.change is not None:
             out.update(change_fields(self.change))
         if self.refusal is not None:
@@ -119,7 +126,10 @@ class Decision:
 
 # Decision attributes rendered as they are, in declaration order, and the one whose
 # key differs from the attribute's name (`fields` would shadow the method).
-_GROUPED = ("event", "domain", "alias", "ifname", "level", "time", "change", "refusal", "drift")
+_GROUPED = (
+    *("event", "libvirt", "domain", "alias", "ifname"),
+    *("level", "time", "change", "refusal", "drift"),
+)
 _PLAIN = tuple(f.name for f in dataclasses.fields(Decision) if f.name not in _GROUPED)
 _KEYS = {"fields_synced": "fields"}
 
@@ -145,6 +155,7 @@ def change_fields(change: Change) -> JsonObject:
 class NicRow:
     """One NIC as `explain` lists it: trust, verdict and why (no guest query needed)."""
 
+    libvirt: str
     domain: str
     alias: str
     ifname: str
@@ -165,6 +176,11 @@ class NicRow:
 EXPLAIN_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(NicRow))
 
 
+# A NIC wherever it lives: (libvirt, domain, alias). A domain's name is unique only
+# within its connection (every KubeVirt pod may hold a domain of the same name).
+NicKey: TypeAlias = tuple[str, str, str]
+
+
 @dataclass(frozen=True)
 class NicState:
     """One NIC's latest state, as the fleet view retains it: its row and its last sync."""
@@ -181,6 +197,10 @@ class NicState:
     cause: str | None = None
     # pending, ok, dry-run, failed: <error>, rejected: <error>, stopped: <why>, not synced
     result: str = "not synced"
+
+    @property
+    def key(self) -> NicKey:
+        return (self.row.libvirt, self.row.domain, self.row.alias)
 
     def payload(self) -> JsonObject:
         """The retained MQTT payload's fields (docs/mqtt.md)."""
@@ -199,6 +219,7 @@ class NicState:
 FLEET_COLUMNS: tuple[str, ...] = (
     "host",
     "status",
+    "libvirt",
     "domain",
     "alias",
     "ifname",

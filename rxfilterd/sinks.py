@@ -17,11 +17,16 @@ log = structlog.get_logger("rxfilterd")
 
 
 class Sinks:
-    """The decision sinks and state sinks of one reconciler."""
+    """The decision sinks and state sinks of one reconciler, on the connection LIBVIRT."""
 
     def __init__(
-        self, decisions: Sequence[DecisionSink] = (), states: Sequence[StateSink] = ()
+        self,
+        *,
+        libvirt: str = "host",
+        decisions: Sequence[DecisionSink] = (),
+        states: Sequence[StateSink] = (),
     ) -> None:
+        self.libvirt = libvirt
         self.decisions = tuple(decisions)
         self.states = tuple(states)
 
@@ -49,11 +54,12 @@ class Sinks:
             )
         )
         for sink in self.states:
-            sink(report.nic.domain, report.nic.alias, state)
+            sink(state.key, state)
 
     def nic_gone(self, domain: str, alias: str) -> None:
+        key = (self.libvirt, domain, alias)
         for sink in self.states:
-            sink(domain, alias, None)
+            sink(key, None)
 
     def surveyed(self, domain: str, report: NicReport, config: Config) -> None:
         """A NIC of DOMAIN found, or found changed: whether it is synced, and why."""
@@ -68,6 +74,7 @@ class Sinks:
         self.decide(
             Decision(
                 event="syncing" if verdict.action == "sync" else "skipped",
+                libvirt=nic.libvirt,
                 domain=domain,
                 alias=nic.alias,
                 ifname=nic.ifname,

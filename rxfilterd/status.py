@@ -21,7 +21,10 @@ MAX_ANSWER = 64 * 1024 * 1024
 # here (another version of the daemon may answer), and reads narrow what they use.
 Answer = Mapping[str, object]
 
-COLUMNS = ("DOMAIN", "ALIAS", "IFNAME", "MAC", "TRUST", "ACTION", "LAST SYNC", "CAUSE", "RESULT")
+COLUMNS = (
+    *("LIBVIRT", "DOMAIN", "ALIAS", "IFNAME", "MAC"),
+    *("TRUST", "ACTION", "LAST SYNC", "CAUSE", "RESULT"),
+)
 
 
 class StatusError(Exception):
@@ -91,7 +94,8 @@ def render(answer: Answer) -> str:
             state = f"away for {_duration(time.time() - away_since)}, reconnecting"
         else:
             state = "not connected"
-        lines.append(f"libvirt {conn.get('uri')}: {state}")
+        name, nics = conn.get("libvirt") or "host", conn.get("nics_synced", 0)
+        lines.append(f"libvirt {name} {conn.get('uri')}: {state}; {nics} NICs synced")
         if conn.get("last_error"):
             lines.append(f"  last error: {conn['last_error']}")
     mqtt = _object(answer.get("mqtt"))
@@ -124,6 +128,7 @@ def _row(nic: Answer) -> tuple[str, ...]:
     host = _object(nic.get("host"))
     when = _number(nic.get("last_sync"))
     return (
+        str(nic.get("libvirt", "host")),
         str(nic.get("domain", "")),
         str(nic.get("alias", "")),
         str(nic.get("ifname") or "-"),

@@ -10,11 +10,13 @@ Public API, like rxfilterd.daemon: tests need nothing private of rxfilterd.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
+from rxfilterd.connection import Endpoint
 from rxfilterd.events import (
     ConnectionLost,
     HypervisorError,
@@ -31,6 +33,7 @@ __all__ = [
     "FakeConnection",
     "FakeHostNetwork",
     "FakeLibvirt",
+    "FakeNode",
     "RecordingTracer",
 ]
 
@@ -175,6 +178,63 @@ class FakeHostNetwork:
                 self.state = replace(self.state, mac=change.new)
             elif change.field == "promiscuous":
                 self.state = replace(self.state, promiscuous=bool(change.new))
+
+
+class FakeNode:
+    """A node with pods, in memory: each pod a FakeLibvirt and a FakeHostNetwork.
+
+    `connect` is a HypervisorFactory routing each URI to its libvirt, `open_network`
+    a NetworkOpener handing out each pod's network, and the node itself a PodSource.
+    """
+
+    def __init__(self) -> None:
+        self.libvirts: dict[str, FakeLibvirt] = {}
+        self.networks: dict[str, FakeHostNetwork] = {}
+        self.pods: dict[str, Endpoint] = {}
+        # Pods whose daemon was replaced by another process of the same pid.
+        self.replaced: set[str] = set()
+        # Networks open now, by namespace (each open must be closed).
+        self.open: list[str] = []
+        self.scans = 0
+
+    def add_pod(self, name: str, libvirt: FakeLibvirt, network: FakeHostNetwork) -> Endpoint:
+        pid = 1000 + len(self.pods)
+        endpoint = Endpoint(
+            f"pod/{name}", f"fake:///{name}", netns=f"/proc/{pid}/ns/net", pid=pid, started=pid
+        )
+        self.pods[name] = endpoint
+        self.libvirts[endpoint.uri] = libvirt
+        assert endpoint.netns is not None
+        self.networks[endpoint.netns] = network
+        return endpoint
+
+    def remove_pod(self, name: str) -> None:
+        del self.pods[name]
+
+    def connect(
+        self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None
+    ) -> FakeConnection:
+        return self.libvirts[uri].connect(uri, on_event, tracer=tracer)
+
+    @contextlib.asynccontextmanager
+    async def open_network(self, netns: str) -> AsyncIterator[FakeHostNetwork]:
+        network = self.networks[netns]
+        self.open.append(netns)
+        try:
+            yield network
+        finally:
+            self.open.remove(netns)
+
+    # The PodSource.
+    def scan(self) -> list[Endpoint]:
+        self.scans += 1
+        return sorted(self.pods.values(), key=lambda e: e.name)
+
+    def wanted(self, endpoint: Endpoint) -> bool:
+        return True
+
+    def alive(self, endpoint: Endpoint) -> bool:
+        return endpoint.name.removeprefix("pod/") not in self.replaced
 
 
 @dataclass

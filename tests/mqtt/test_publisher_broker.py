@@ -50,7 +50,9 @@ def settings(port: int, prefix: str, **overrides: Any) -> MqttSettings:
 def record(
     event: DecisionEvent, domain: str = "web1", alias: str = "net0", **fields: Any
 ) -> Decision:
-    return Decision(event=event, domain=domain, alias=alias, ifname="macvtap3", **fields)
+    return Decision(
+        libvirt="host", event=event, domain=domain, alias=alias, ifname="macvtap3", **fields
+    )
 
 
 def mac_applied(old: str, new: str, **fields: Any) -> Decision:
@@ -59,8 +61,8 @@ def mac_applied(old: str, new: str, **fields: Any) -> Decision:
 
 def nic_state(mac: str, domain: str = "web1", alias: str = "net0") -> NicState:
     """Shaped like the daemon's state records."""
-    row = NicRow(domain, alias, "macvtap3", "", "virtio", "ethernet", "yes", "interface", "sync",
-                 "trusted")  # fmt: skip
+    row = NicRow("host", domain, alias, "macvtap3", "", "virtio", "ethernet", "yes", "interface",
+                 "sync", "trusted")  # fmt: skip
     guest = GuestFilter(alias, mac, False, "normal", "normal", "normal", True, False, False,
                         frozenset({"33:33:00:00:00:01"}), frozenset(), frozenset())  # fmt: skip
     host = HostState("macvtap3", 7, "bridge", mac, False, False, frozenset(), frozenset(),
@@ -115,16 +117,16 @@ def test_events_and_retained_state_reach_the_broker(shared_broker: int, topic_pr
                 publisher.decision(
                     record("refused", refusal=Refusal("mac", MAC1, "not in mac_allow"))
                 )
-                publisher.nic_state("web1", "net0", nic_state(MAC1))
+                publisher.nic_state(("host", "web1", "net0"), nic_state(MAC1))
                 # Names that are not safe topic levels are escaped, never split.
-                publisher.nic_state("we/b+#2", "net0", nic_state(MAC0, domain="we/b+#2"))
+                publisher.nic_state(("host", "we/b+#2", "net0"), nic_state(MAC0, domain="we/b+#2"))
                 await wait_msg(
                     listener, lambda m: m.topic == f"{base}/events" and b"refused" in m.payload, "4"
                 )
                 kept = await retained(shared_broker, f"{base}/#")
-                publisher.nic_state("web1", "net0", None)
+                publisher.nic_state(("host", "web1", "net0"), None)
                 await eventually(
-                    lambda: _lacks(shared_broker, f"{base}/nic/web1/net0"), 5, "state cleared"
+                    lambda: _lacks(shared_broker, f"{base}/nic/host/web1/net0"), 5, "state cleared"
                 )
             after = await retained(shared_broker, f"{base}/status")
         events = events_of(listener, topic_prefix)
@@ -133,18 +135,18 @@ def test_events_and_retained_state_reach_the_broker(shared_broker: int, topic_pr
         assert applied["domain"] == "web1" and applied["alias"] == "net0"
         assert applied["ifname"] == "macvtap3"
         assert (applied["field"], applied["old"], applied["new"]) == ("mac", MAC0, MAC1)
-        assert applied["dropped"] == 0 and applied["schema"] == 2 and "action" not in applied
+        assert applied["dropped"] == 0 and applied["schema"] == 3 and "action" not in applied
         assert [e["seq"] for e in events] == [1, 2, 3, 4]
         assert events[1]["reason"] == "untrusted" and events[2]["error"] == "EADDRINUSE"
         assert not any(m.retain for m in listener.messages() if m.topic == f"{base}/events")
 
         assert kept[f"{base}/status"].json()["status"] == "online"
-        state = kept[f"{base}/nic/web1/net0"].json()
+        state = kept[f"{base}/nic/host/web1/net0"].json()
         assert state["host"]["mac"] == MAC1 and state["result"] == "ok"
         assert state["trust"] == "yes" and state["trust_source"] == "interface"
-        assert state["action"] == "sync" and state["schema"] == 1
+        assert state["action"] == "sync" and state["schema"] == 2 and state["libvirt"] == "host"
         assert state["guest"]["multicast_table"] == ["33:33:00:00:00:01"]
-        assert kept[f"{base}/nic/we%2Fb%2B%232/net0"].json()["domain"] == "we/b+#2"
+        assert kept[f"{base}/nic/host/we%2Fb%2B%232/net0"].json()["domain"] == "we/b+#2"
         offline = after[f"{base}/status"].json()
         assert offline["status"] == "offline" and offline["reason"] == "shutdown"
 
@@ -159,16 +161,18 @@ def test_a_frozen_publisher_leaves_the_last_state_retained(
     async def main() -> None:
         publisher = Publisher(settings(shared_broker, topic_prefix))
         async with running(publisher):
-            publisher.nic_state("web1", "net0", nic_state(MAC0))
-            publisher.nic_state("web1", "net0", nic_state(MAC1))
+            publisher.nic_state(("host", "web1", "net0"), nic_state(MAC0))
+            publisher.nic_state(("host", "web1", "net0"), nic_state(MAC1))
             await eventually(
-                lambda: _holds(shared_broker, f"{base}/nic/web1/net0", MAC1), 5, "state published"
+                lambda: _holds(shared_broker, f"{base}/nic/host/web1/net0", MAC1),
+                5,
+                "state published",
             )
             publisher.freeze()  # shutdown: the daemon then drops every NIC
-            publisher.nic_state("web1", "net0", None)
+            publisher.nic_state(("host", "web1", "net0"), None)
         kept = await retained(shared_broker, f"{base}/#")
         assert kept[f"{base}/status"].json()["status"] == "offline"
-        assert kept[f"{base}/nic/web1/net0"].json()["host"]["mac"] == MAC1
+        assert kept[f"{base}/nic/host/web1/net0"].json()["host"]["mac"] == MAC1
 
     asyncio.run(main())
 
@@ -193,7 +197,9 @@ def test_queue_overflow_drops_oldest_and_counts(shared_broker: int, topic_prefix
             publisher.decision(mac_applied(MAC0, f"02:00:00:00:00:{i:02x}"))
         for i in range(50):  # state is coalesced per NIC, never dropped
             for nic in ("net0", "net1", "net2"):
-                publisher.nic_state("web1", nic, nic_state(f"02:00:00:00:01:{i:02x}", alias=nic))
+                publisher.nic_state(
+                    ("host", "web1", nic), nic_state(f"02:00:00:00:01:{i:02x}", alias=nic)
+                )
         assert time.monotonic() - started < 0.5
         assert publisher.events.dropped == 7 and len(publisher.events) == 5
         with Listener(shared_broker, [f"{base}/events"]) as listener:
@@ -205,7 +211,7 @@ def test_queue_overflow_drops_oldest_and_counts(shared_broker: int, topic_prefix
         assert all(e["dropped"] == 7 for e in events)
         assert kept[f"{base}/status"].json()["dropped"] == 7
         for nic in ("net0", "net1", "net2"):
-            assert kept[f"{base}/nic/web1/{nic}"].json()["host"]["mac"] == "02:00:00:00:01:31"
+            assert kept[f"{base}/nic/host/web1/{nic}"].json()["host"]["mac"] == "02:00:00:00:01:31"
 
     asyncio.run(main())
 
@@ -228,16 +234,16 @@ def test_broker_restart_republishes_retained_state(tmp_path: Path) -> None:
         publisher = Publisher(settings(broker.port, prefix, reconnect_max=0.5))
         with structlog.testing.capture_logs() as logs:
             async with running(publisher) as task:
-                publisher.nic_state("web1", "net0", nic_state(MAC0))
-                publisher.nic_state("web1", "net1", nic_state(MAC0, alias="net1"))
+                publisher.nic_state(("host", "web1", "net0"), nic_state(MAC0))
+                publisher.nic_state(("host", "web1", "net1"), nic_state(MAC0, alias="net1"))
                 publisher.decision(mac_applied(MAC1, MAC0))
                 await eventually(lambda: publisher.published >= 4, 5, "first publishes")
                 broker.stop()
                 await eventually(lambda: not publisher.connected, 5, "publisher notices")
                 # While the broker is away: changes keep coming and must not block.
-                publisher.nic_state("web1", "net0", nic_state(MAC1))
-                publisher.nic_state("web1", "net1", None)
-                publisher.nic_state("db1", "net0", nic_state(MAC0, domain="db1"))
+                publisher.nic_state(("host", "web1", "net0"), nic_state(MAC1))
+                publisher.nic_state(("host", "web1", "net1"), None)
+                publisher.nic_state(("host", "db1", "net0"), nic_state(MAC0, domain="db1"))
                 for _ in range(3):
                     publisher.decision(mac_applied(MAC0, MAC1))
                 await asyncio.sleep(2)  # several reconnect attempts
@@ -248,9 +254,9 @@ def test_broker_restart_republishes_retained_state(tmp_path: Path) -> None:
                 kept = await retained(broker.port, f"{base}/#")
                 assert not task.done()
         assert kept[f"{base}/status"].json()["status"] == "online"
-        assert kept[f"{base}/nic/web1/net0"].json()["host"]["mac"] == MAC1
-        assert kept[f"{base}/nic/db1/net0"].json()["domain"] == "db1"
-        assert f"{base}/nic/web1/net1" not in kept
+        assert kept[f"{base}/nic/host/web1/net0"].json()["host"]["mac"] == MAC1
+        assert kept[f"{base}/nic/host/db1/net0"].json()["domain"] == "db1"
+        assert f"{base}/nic/host/web1/net1" not in kept
         assert publisher.events.dropped == 0
         events = [entry["event"] for entry in logs]
         # One line when it goes, one when it is back: no line per retry.
@@ -323,8 +329,10 @@ def test_fleet_prints_the_table_and_follows_events(
     async def main() -> None:
         publisher = Publisher(settings(shared_broker, topic_prefix))
         async with running(publisher):
-            publisher.nic_state("web1", "net0", nic_state(MAC1))
-            publisher.nic_state("db1", "net2", nic_state(MAC0, domain="db1", alias="net2"))
+            publisher.nic_state(("host", "web1", "net0"), nic_state(MAC1))
+            publisher.nic_state(
+                ("host", "db1", "net2"), nic_state(MAC0, domain="db1", alias="net2")
+            )
             await eventually(lambda: publisher.published >= 3, 5, "state published")
             table = await asyncio.to_thread(fleet, config)
             assert table.returncode == 0, table
@@ -332,6 +340,7 @@ def test_fleet_prints_the_table_and_follows_events(
             assert lines[0].split() == [
                 "HOST",
                 "STATUS",
+                "LIBVIRT",
                 "DOMAIN",
                 "ALIAS",
                 "IFNAME",
@@ -343,9 +352,10 @@ def test_fleet_prints_the_table_and_follows_events(
                 "LAST_SYNC",
             ]
             rows = [line.split() for line in lines[1:]]
-            assert rows[0][:10] == [
+            assert rows[0][:11] == [
                 HOST,
                 "online",
+                "host",
                 "db1",
                 "net2",
                 "macvtap3",
@@ -355,7 +365,7 @@ def test_fleet_prints_the_table_and_follows_events(
                 MAC0,
                 "ok",
             ]
-            assert rows[1][2:4] == ["web1", "net0"] and rows[1][8] == MAC1
+            assert rows[1][2:5] == ["host", "web1", "net0"] and rows[1][9] == MAC1
 
             proc, out = follow(config)
             try:
@@ -412,10 +422,10 @@ def test_state_payload_is_json_object(shared_broker: int, topic_prefix: str) -> 
         publisher = Publisher(settings(shared_broker, topic_prefix))
         state = nic_state(MAC0)
         async with running(publisher):
-            publisher.nic_state("web1", "net0", state)
+            publisher.nic_state(("host", "web1", "net0"), state)
             await eventually(lambda: publisher.published >= 2, 5, "state published")
             kept = await retained(shared_broker, f"{base}/nic/#")
-        payload = kept[f"{base}/nic/web1/net0"].payload
+        payload = kept[f"{base}/nic/host/web1/net0"].payload
         assert isinstance(json.loads(payload), dict)
 
     asyncio.run(main())

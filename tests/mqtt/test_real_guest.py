@@ -53,8 +53,8 @@ def mqtt_daemon(workdir: Path, port: int, prefix: str, **mqtt: Any) -> RunningDa
 
 
 def state_of(port: int, prefix: str, domain: str) -> dict[str, Any] | None:
-    kept = asyncio.run(retained(port, f"{prefix}/{HOST}/nic/{domain}/net0", quiet=0.3))
-    message = kept.get(f"{prefix}/{HOST}/nic/{domain}/net0")
+    kept = asyncio.run(retained(port, f"{prefix}/{HOST}/nic/host/{domain}/net0", quiet=0.3))
+    message = kept.get(f"{prefix}/{HOST}/nic/host/{domain}/net0")
     if message is None:
         return None
     state: dict[str, Any] = message.json()
@@ -89,7 +89,7 @@ def test_guest_mac_change_reaches_the_broker(
         mqtt_daemon(tmp_path, port, prefix) as daemon,
     ):
         guest = stack.guest(prefixed("mq"), [EthernetNic(mvt.name, mac=MAC0, trust=True)])
-        nic_topic = f"{prefix}/{HOST}/nic/{guest.name}/net0"
+        nic_topic = f"{prefix}/{HOST}/nic/host/{guest.name}/net0"
         listener.wait_for(
             lambda m: m.topic == nic_topic and b'"result":"ok"' in m.payload, 30, "first state"
         )
@@ -124,7 +124,7 @@ def test_guest_mac_change_reaches_the_broker(
     status = kept[f"{prefix}/{HOST}/status"].json()
     assert status["status"] == "offline" and status["reason"] == "shutdown"
     # The NIC still exists after rxfilterd stops: its last state stays, marked by "offline".
-    assert f"{prefix}/{HOST}/nic/{guest.name}/net0" in kept
+    assert f"{prefix}/{HOST}/nic/host/{guest.name}/net0" in kept
 
 
 def test_broker_restart_mid_run(stack: Resources, tmp_path: Path) -> None:

@@ -81,6 +81,7 @@ def libvirt_with_d1(*aliases: str) -> FakeLibvirt:
 
 def nic_report(alias: str = "net0", domain: str = "d1", uuid: str = "u1") -> NicReport:
     nic = Nic(
+        libvirt="host",
         domain=domain,
         uuid=uuid,
         alias=alias,

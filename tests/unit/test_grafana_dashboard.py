@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rxfilterd.metrics import DaemonMetrics
-from rxfilterd.stats import Stats
+from rxfilterd.stats import Board
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "rxfilterd.json"
 # A metric name in PromQL: ours, or the process collector's.
@@ -32,7 +32,7 @@ def queries(node: Any) -> Iterator[str]:
 def test_every_metric_the_dashboard_uses_is_exported() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     # Every optional family present: MQTT on, and one NIC so the labelled ones have series.
-    metrics = DaemonMetrics(Stats(), mqtt=lambda: (True, 0))
+    metrics = DaemonMetrics(Board(), mqtt=lambda: (True, 0))
     exported = set(metrics.names())
     used = {name for query in queries(dashboard) for name in METRIC.findall(query)}
     assert used, "no metric found in the dashboard"

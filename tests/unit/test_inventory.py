@@ -33,6 +33,7 @@ class Libvirt:
 
 def network_nic(portid: str | None = "p1", trust_attr: bool | None = None) -> Nic:
     return Nic(
+        libvirt="host",
         domain="d1",
         uuid="u1",
         alias="net0",

@@ -266,6 +266,7 @@ def test_a_decision_is_filed_under_its_name_as_event_and_action(
     change = MacChange("52:54:00:00:00:01", "52:54:00:00:00:02")
     Sinks().decide(
         Decision(
+            libvirt="host",
             event="applied",
             domain="web1",
             alias="net0",
@@ -277,13 +278,14 @@ def test_a_decision_is_filed_under_its_name_as_event_and_action(
     entry = dict(journal.entry())
     assert entry == {
         "MESSAGE": (
-            b"applied domain=web1 alias=net0 ifname=macvtap3 field=mac"
+            b"applied libvirt=host domain=web1 alias=net0 ifname=macvtap3 field=mac"
             b" old=52:54:00:00:00:01 new=52:54:00:00:00:02 cause=event"
         ),
         "PRIORITY": b"6",
         "SYSLOG_IDENTIFIER": b"rxfilterd",
         "EVENT": b"applied",
         "ACTION": b"applied",
+        "LIBVIRT": b"host",
         "DOMAIN": b"web1",
         "ALIAS": b"net0",
         "IFNAME": b"macvtap3",

@@ -38,9 +38,10 @@ LIVE_XML = """
 
 
 def test_parse_live_xml() -> None:
-    nics = parse_domain_nics(LIVE_XML)
+    nics = parse_domain_nics(LIVE_XML, "host")
     assert [n.alias for n in nics] == ["net0", "net1", "net2"]  # no alias: not in QEMU yet
     assert nics[0] == Nic(
+        libvirt="host",
         domain="web1",
         uuid="6f1b2c55-0000-4000-8000-000000000001",
         alias="net0",
@@ -83,7 +84,7 @@ NO = Trust(False, "default")
 def test_classify(
     alias: str, trust: Trust, macvtap: bool, action: str, reason: str, libvirt_syncs: bool
 ) -> None:
-    nic = next(n for n in parse_domain_nics(LIVE_XML) if n.alias == alias)
+    nic = next(n for n in parse_domain_nics(LIVE_XML, "host") if n.alias == alias)
     verdict = classify(nic, trust, macvtap)
     assert (verdict.action, verdict.reason, verdict.libvirt_syncs) == (
         action,

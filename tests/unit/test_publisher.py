@@ -68,14 +68,21 @@ def test_topics_and_parsing() -> None:
     topics = Topics("site/rxfilterd", "hv1")
     assert topics.status == "site/rxfilterd/hv1/status"
     assert topics.events == "site/rxfilterd/hv1/events"
-    assert topics.nic("a/b", "net0") == "site/rxfilterd/hv1/nic/a%2Fb/net0"
+    assert topics.nic("host", "a/b", "net0") == "site/rxfilterd/hv1/nic/host/a%2Fb/net0"
+    # A pod's connection name holds a slash: escaped like any other.
+    assert topics.nic("pod/l-1", "ns_vm", "ua-x") == "site/rxfilterd/hv1/nic/pod%2Fl-1/ns_vm/ua-x"
     prefix = "site/rxfilterd"
     assert parse_topic(prefix, topics.status) == ParsedTopic("hv1", "status")
     assert parse_topic(prefix, topics.events) == ParsedTopic("hv1", "events")
-    assert parse_topic(prefix, topics.nic("a/b", "net0")) == ParsedTopic(
-        "hv1", "nic", "a/b", "net0"
+    assert parse_topic(prefix, topics.nic("pod/l-1", "a/b", "net0")) == ParsedTopic(
+        "hv1", "nic", "pod/l-1", "a/b", "net0"
     )
-    for foreign in ("other/hv1/status", "site/rxfilterd/hv1/nic/x", "site/rxfilterd/hv1/what"):
+    for foreign in (
+        "other/hv1/status",
+        "site/rxfilterd/hv1/nic/x",
+        "site/rxfilterd/hv1/nic/d/net0",
+        "site/rxfilterd/hv1/what",
+    ):
         assert parse_topic(prefix, foreign) is None
 
 
@@ -100,7 +107,9 @@ def test_a_failed_publish_goes_back_in_front_unless_newer_filled_the_queue() -> 
     assert q.dropped == 1 and [q.get(), q.get()] == [{"n": 2}, {"n": 3}]
 
 
-ROW = NicRow("d", "net0", "macvtap3", "", "virtio", "ethernet", "yes", "port", "sync", "trusted")
+ROW = NicRow(
+    "host", "d", "net0", "macvtap3", "", "virtio", "ethernet", "yes", "port", "sync", "trusted"
+)
 
 
 def test_sinks_never_wait_and_events_past_the_queue_are_dropped() -> None:
@@ -109,8 +118,10 @@ def test_sinks_never_wait_and_events_past_the_queue_are_dropped() -> None:
     publisher = Publisher(MqttSettings(client_id="hv1", queue_size=10))
     started = time.monotonic()
     for i in range(1000):
-        publisher.decision(Decision(event="applied", domain="d", alias="net0", ifname=None))
-        publisher.nic_state("d", "net0", NicState(ROW, result=f"ok {i}"))
+        publisher.decision(
+            Decision(libvirt="host", event="applied", domain="d", alias="net0", ifname=None)
+        )
+        publisher.nic_state(("host", "d", "net0"), NicState(ROW, result=f"ok {i}"))
     assert time.monotonic() - started < 1
     assert len(publisher.events) == 10 and publisher.events.dropped == 990
 
@@ -118,17 +129,19 @@ def test_sinks_never_wait_and_events_past_the_queue_are_dropped() -> None:
 def test_a_nic_whose_name_is_no_topic_level_is_logged_once_and_skipped() -> None:
     publisher = Publisher(MqttSettings(client_id="hv1"))
     with structlog.testing.capture_logs() as logs:
-        publisher.nic_state("", "net0", NicState(ROW, result="ok"))
-        publisher.nic_state("", "net0", NicState(ROW, result="ok again"))
+        publisher.nic_state(("host", "", "net0"), NicState(ROW, result="ok"))
+        publisher.nic_state(("host", "", "net0"), NicState(ROW, result="ok again"))
     assert [(e["event"], e["domain"], e["alias"]) for e in logs] == [
         ("mqtt: NIC not published", "", "net0")
     ]
 
 
 def test_payloads_on_the_wire() -> None:
-    # docs/mqtt.md: sorted keys, compact; events at schema 2 (no `action`: that is the
-    # NIC state's verdict), NIC state and status at 1.
+    # docs/mqtt.md: sorted keys, compact; events at schema 3 and NIC state at 2 (both
+    # name their libvirt; events have no `action`: that is the NIC state's verdict),
+    # status at 1.
     applied = Decision(
+        libvirt="host",
         event="applied",
         domain="web1",
         alias="net0",
@@ -139,14 +152,14 @@ def test_payloads_on_the_wire() -> None:
     )
     assert event_payload(applied, 17, 0) == (
         b'{"alias":"net0","cause":"event","domain":"web1","dropped":0,"event":"applied",'
-        b'"field":"mac","ifname":"macvtap3","new":"52:54:00:aa:bb:cc","old":"52:54:00:10:00:01",'
-        b'"schema":2,"seq":17,"time":1767225600.51}'
+        b'"field":"mac","ifname":"macvtap3","libvirt":"host","new":"52:54:00:aa:bb:cc",'
+        b'"old":"52:54:00:10:00:01","schema":3,"seq":17,"time":1767225600.51}'
     )
     state = NicState(ROW, last_sync=1767225600.52, cause="event", result="ok")
     assert nic_payload(state) == (
         b'{"action":"sync","alias":"net0","cause":"event","current_mac":"","domain":"d",'
-        b'"guest":null,"host":null,"ifname":"macvtap3","last_sync":1767225600.52,'
-        b'"model":"virtio","reason":"trusted","result":"ok","schema":1,"trust":"yes",'
+        b'"guest":null,"host":null,"ifname":"macvtap3","last_sync":1767225600.52,"libvirt":"host",'
+        b'"model":"virtio","reason":"trusted","result":"ok","schema":2,"trust":"yes",'
         b'"trust_source":"port","type":"ethernet"}'
     )
     assert nic_payload(None) == b""
@@ -216,20 +229,23 @@ def test_fleet_rows() -> None:
     table = fleet.rows(
         [
             msg(ParsedTopic("hv2", "status"), b'{"status":"offline"}'),
-            msg(ParsedTopic("hv1", "nic", "web/1", "net0"), state),
+            msg(ParsedTopic("hv1", "nic", "host", "web/1", "net0"), state),
+            # The same domain in a pod's libvirt on the same host: a row of its own.
+            msg(ParsedTopic("hv1", "nic", "pod/l-1", "web/1", "net0"), state),
             msg(ParsedTopic("hv1", "status"), b"online"),  # plain text is understood too
-            msg(ParsedTopic("hv3", "nic", "x", "net0"), b"not json"),
+            msg(ParsedTopic("hv3", "nic", "host", "x", "net0"), b"not json"),
         ]
     )
-    assert [(r["host"], r["status"], r["domain"]) for r in table] == [
-        ("hv1", "online", "web/1"),
-        ("hv2", "offline", ""),
-        ("hv3", "?", "x"),
+    assert [(r["host"], r["status"], r["libvirt"], r["domain"]) for r in table] == [
+        ("hv1", "online", "host", "web/1"),
+        ("hv1", "online", "pod/l-1", "web/1"),
+        ("hv2", "offline", "", ""),
+        ("hv3", "?", "host", "x"),
     ]
     assert table[0]["mac"] == "52:54:00:aa:bb:cc" and table[0]["trust_source"] == "network"
     assert table[0]["last_sync"]  # a local time
     out = fleet.table(table)
-    assert out.splitlines()[0].split()[:3] == ["HOST", "STATUS", "DOMAIN"]
+    assert out.splitlines()[0].split()[:4] == ["HOST", "STATUS", "LIBVIRT", "DOMAIN"]
     assert fleet.table([]).startswith("no rxfilterd hosts")
 
 

@@ -14,8 +14,12 @@ from rxfilterd.records import EXPLAIN_COLUMNS, Decision, NicRow, NicState, forma
 MAC0 = "52:54:00:10:00:01"
 MAC1 = "52:54:00:aa:bb:cc"
 GROUP = "33:33:00:00:00:fb"
-ROW = NicRow("web1", "net0", "macvtap3", "", "virtio", "ethernet", "yes", "port", "sync", "trusted")
-BASE = Decision(event="applied", domain="web1", alias="net0", ifname="macvtap3", time=1.5)
+ROW = NicRow(
+    "host", "web1", "net0", "macvtap3", "", "virtio", "ethernet", "yes", "port", "sync", "trusted"
+)
+BASE = Decision(
+    libvirt="host", event="applied", domain="web1", alias="net0", ifname="macvtap3", time=1.5
+)
 
 
 def test_records_are_frozen() -> None:
@@ -27,6 +31,7 @@ def test_records_are_frozen() -> None:
 def test_a_change_lists_field_old_new_and_for_a_list_what_it_added_and_removed() -> None:
     mac = dataclasses.replace(BASE, change=MacChange(MAC0, MAC1), cause="event")
     assert list(mac.fields().items()) == [
+        ("libvirt", "host"),
         ("domain", "web1"),
         ("alias", "net0"),
         ("ifname", "macvtap3"),
@@ -62,7 +67,7 @@ def test_a_failed_apply_says_where_why_and_when_it_is_retried() -> None:
         attempt=1,
         retry_in=1.0,
     )
-    assert list(failed.fields())[3:] == [
+    assert list(failed.fields())[4:] == [
         "field",
         "old",
         "new",
@@ -82,6 +87,7 @@ def test_every_kind_carries_its_own_fields() -> None:
         BASE, event="refused", refusal=Refusal("mac", MAC1, "not in mac_allow")
     )
     assert refused.fields() == {
+        "libvirt": "host",
         "domain": "web1",
         "alias": "net0",
         "ifname": "macvtap3",
@@ -105,7 +111,7 @@ def test_every_kind_carries_its_own_fields() -> None:
         trust_source="port",
         trust_note="network default now resolves yes",
     )
-    assert list(skipped.fields())[3:] == ["reason", "trust", "trust_source", "trust_note"]
+    assert list(skipped.fields())[4:] == ["reason", "trust", "trust_source", "trust_note"]
     syncing = dataclasses.replace(
         BASE, event="syncing", policy="sync", fields_synced=("mac",), libvirt_writes=("mac",)
     )
@@ -143,6 +149,7 @@ def test_nic_state_payload_is_the_explain_row_and_the_last_sync() -> None:
 
 def test_explain_columns_and_table() -> None:
     assert EXPLAIN_COLUMNS == (
+        "libvirt",
         "domain",
         "alias",
         "ifname",

@@ -18,16 +18,20 @@ from rxfilterd.host_state import HostState
 from rxfilterd.live import RECENT, LiveState
 from rxfilterd.plan import Refusal
 from rxfilterd.records import Decision, NicRow, NicState
-from rxfilterd.stats import Stats
+from rxfilterd.stats import Board, Stats
 from rxfilterd.status_server import StatusServer
 
 T0 = 1_800_000_000.0
 
 
 MAC = "52:54:00:de:ca:fe"
-ROW = NicRow("web1", "net0", "macvtap3", MAC, "virtio", "direct", "yes", "port", "sync", "trusted")
+ROW = NicRow(
+    "host", "web1", "net0", "macvtap3", MAC, "virtio", "direct", "yes", "port", "sync", "trusted"
+)
 HOST = HostState("macvtap3", 7, "bridge", MAC, False, False, frozenset(), frozenset(), frozenset())
-NET0 = Decision(event="applied", time=T0, domain="web1", alias="net0", ifname="macvtap3")
+NET0 = Decision(
+    libvirt="host", event="applied", time=T0, domain="web1", alias="net0", ifname="macvtap3"
+)
 
 
 def refused(value: str, at: float = T0) -> Decision:
@@ -36,9 +40,12 @@ def refused(value: str, at: float = T0) -> Decision:
 
 
 def live_state() -> LiveState:
-    live = LiveState(Stats(connected=True, queries=4, libvirt_version=9_000_000), "qemu:///system")
+    board = Board()
+    board.add(Stats(uri="qemu:///system", connected=True, queries=4, libvirt_version=9_000_000))
+    live = LiveState(board)
     live.nic_state(
-        "web1", "net0", NicState(ROW, host=HOST, last_sync=T0, cause="event", result="ok")
+        ("host", "web1", "net0"),
+        NicState(ROW, host=HOST, last_sync=T0, cause="event", result="ok"),
     )
     return live
 
@@ -56,14 +63,14 @@ def test_recent_refusals_and_errors_are_bounded_and_brief() -> None:
     assert snap["recent_refusals"][-1]["value"] == f"02:00:00:00:00:{RECENT + 4:02x}"
     assert "level" not in snap["recent_refusals"][-1]
     assert snap["recent_errors"] == [
-        {"time": T0, "event": "failed", "domain": "web1", "alias": "net0", "ifname": "macvtap3",
-         "stage": "apply", "reason": "EPERM", "error": "denied"}
+        {"time": T0, "event": "failed", "libvirt": "host", "domain": "web1", "alias": "net0",
+         "ifname": "macvtap3", "stage": "apply", "reason": "EPERM", "error": "denied"}
     ]  # fmt: skip
     assert snap["counters"]["decisions"] == {"applied": 1, "failed": 1, "refused": RECENT + 5}
     assert snap["connections"][0]["libvirt_version"] == "9.0.0"
     (nic,) = snap["nics"]
     assert (nic["action"], nic["cause"], nic["host"]["mac"]) == ("sync", "event", MAC)
-    live.nic_state("web1", "net0", None)
+    live.nic_state(("host", "web1", "net0"), None)
     assert live.snapshot()["nics"] == []
 
 
@@ -109,10 +116,12 @@ def test_the_text_names_each_nic_and_its_mac() -> None:
     live = live_state()
     live.decision(refused("02:00:00:00:00:01"))
     text = status.render(json.loads(json.dumps(live.snapshot())))
-    assert "libvirt qemu:///system: connected (libvirt 9.0.0)" in text
+    assert "libvirt host qemu:///system: connected (libvirt 9.0.0); 0 NICs synced" in text
     header, row = [line for line in text.splitlines() if "net0" in line or "DOMAIN" in line][:2]
-    assert header.split()[:4] == ["DOMAIN", "ALIAS", "IFNAME", "MAC"]
-    assert row.split()[:6] == ["web1", "net0", "macvtap3", "52:54:00:de:ca:fe", "yes", "sync"]
+    assert header.split()[:5] == ["LIBVIRT", "DOMAIN", "ALIAS", "IFNAME", "MAC"]
+    assert row.split()[:7] == [
+        *("host", "web1", "net0", "macvtap3", "52:54:00:de:ca:fe", "yes", "sync")
+    ]
     assert "recent refusals:" in text and "reason=not in mac_allow" in text
 
 
