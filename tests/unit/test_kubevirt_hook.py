@@ -9,38 +9,24 @@ managed="no"> naming the pod interface macvtap-cni made, "pod" + sha256(network
 name)[:11]; their alias is "ua-" + the VMI interface name. The VMI is the JSON the shim
 passes (json.Marshal of the VirtualMachineInstance).
 
-The script is loaded from its file (importlib), as the shim runs it from a ConfigMap
-mounted at /usr/bin/onDefineDomain: it is no package module, and no sys.path edit is
-needed to test it.
+The script is loaded from its file (tests/support/kubevirt_hook.py says why).
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-HOOK = Path(__file__).resolve().parents[2] / "deploy" / "kubevirt" / "trust_hook.py"
+from tests.support.kubevirt_hook import HOOK, load_hook
+
 ATTR = b' trustGuestRxFilters="yes"'
-
-
-def load_hook() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("rxfilterd_kubevirt_trust_hook", HOOK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # The importlib recipe for a source file: registered first, as dataclasses look it up.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 hook = load_hook()
