@@ -308,10 +308,10 @@ def test_nics_it_was_not_asked_about_are_never_touched() -> None:
     assert b'<interface type="ethernet"><alias name="ua-lan">' in out.domain
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess[bytes]:
+def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     # As the shim does: exec.Command(onDefineDomain, "--vmi", vmi, "--domain", xml).Output()
     return subprocess.run(
-        [sys.executable, str(HOOK), *args], capture_output=True, check=False, timeout=60
+        [sys.executable, str(HOOK), *args], capture_output=True, check=False, timeout=60, env=env
     )
 
 
@@ -324,6 +324,18 @@ def test_the_script_prints_the_domain_on_stdout_and_notes_on_stderr() -> None:
         "rxfilterd-trust-hook: interface storage (alias ua-storage, target pod49a25f9feef): "
         "trustGuestRxFilters set to yes"
     ]
+
+
+def test_the_domain_keeps_its_bytes_in_an_ascii_locale() -> None:
+    # A sidecar container may have no locale: argv is decoded as ASCII with surrogates,
+    # and the script prints the bytes it was given, the non-ASCII sysinfo entry too.
+    ascii_only = {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = run_script(
+        "--vmi", vmi({hook.ANNOTATION: "lan"}), "--domain", DOMAIN.decode(), env=ascii_only
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.replace(ATTR, b"") == DOMAIN
+    assert done.stdout.count(ATTR) == 1
 
 
 def test_the_script_never_fails_the_start_it_can_serve() -> None:
