@@ -160,9 +160,10 @@ def test_the_config_file_comes_from_the_generated_configmap(
 def test_the_config_serves_pods_and_is_valid() -> None:
     data = tomllib.loads((KUBERNETES / "rxfilterd.toml").read_text())
     assert data["pods"] == PODS
-    # Every other section is what the daemon accepts today ([pods] lands with issue 15).
-    loaded = config.validate({k: v for k, v in data.items() if k != "pods"})
+    loaded = config.validate(data)
     assert loaded.log.format == "console"
+    # No libvirt of the node's own: only the pods' are served.
+    assert loaded.libvirt.uri == "" and loaded.pods.enabled
 
 
 def test_what_the_daemon_writes_is_writable(container: Any, pod: Any) -> None:
