@@ -132,6 +132,7 @@ class PodMacvtap:
     tap_path: Path
     mac: str
     host_ifindex: int
+    rdev: int  # the device number of its /dev/tapN
 
 
 # --------------------------------------------------------------------------- the pod
@@ -139,6 +140,10 @@ class PodMacvtap:
 
 class SimulatedPod(RootLibvirtd):
     """One virt-launcher pod: ``with SimulatedPod("a") as pod: pod.guest(...)``.
+
+    HOSTNAME is its /etc/hostname: KubeVirt gives a virt-launcher pod the VMI's name
+    (pkg/util/net/dns/sanitize.go SanitizeHostname: the name's first label, or
+    spec.hostname), so pods of same-named VMIs in two namespaces share it.
 
     Enter starts it (clearing what an interrupted run left under the same name); close
     destroys its domains, ends every process in it, removes its network namespace (the
@@ -157,6 +162,8 @@ class SimulatedPod(RootLibvirtd):
         self._conn: Any = None
         self._guests: list[Guest] = []
         self._macvtaps = 0
+        self.macvtaps: list[PodMacvtap] = []
+        self.netns_inode: int | None = None  # of the pod's network namespace, once made
         if session:
             # A session daemon's socket is $XDG_RUNTIME_DIR/libvirt/libvirt-sock (KubeVirt
             # sets XDG_RUNTIME_DIR=/var/run for its non-root virtqemud).
@@ -225,6 +232,7 @@ class SimulatedPod(RootLibvirtd):
         if not self.named_netns.exists():
             ip("netns", "add", self.netns)
             ip("-n", self.netns, "link", "set", "lo", "up")
+        self.netns_inode = self.named_netns.stat().st_ino
         self.console_dir.mkdir(parents=True, exist_ok=True)
         if self._lock is None:
             self._lock = LIBVIRT_ROOT.hold()
@@ -374,6 +382,32 @@ mount --bind {guest_dir} {m}{guest_dir}
         if errors:
             raise errors[0]
 
+    def leftovers(self) -> list[str]:
+        """What of this pod still exists (empty after close, once the kernel has deleted
+        the macvtaps of its network namespace, which it does asynchronously)."""
+        left = [f"process {pid}" for pid in self.processes()]
+        paths = (str(self.base), str(self.console_dir), str(self.named_netns))
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4]
+            if point.startswith(paths):
+                left.append(f"mount {point}")
+        for path in (self.base, self.console_dir, self.named_netns):
+            if path.exists():
+                left.append(f"path {path}")
+        if self.netns_inode is not None:
+            for entry in Path("/proc").iterdir():
+                with contextlib.suppress(OSError):
+                    if (
+                        entry.name.isdigit()
+                        and (entry / "ns/net").stat().st_ino == self.netns_inode
+                    ):
+                        left.append(f"process {entry.name} in the pod's network namespace")
+        for mvt in self.macvtaps:
+            with contextlib.suppress(OSError):
+                if mvt.tap_path.stat().st_rdev == mvt.rdev:
+                    left.append(f"macvtap {mvt.name} ({mvt.tap_path})")
+        return left
+
     # ------------------------------------------------------------------ in the pod
 
     def connect(self) -> Any:
@@ -470,7 +504,9 @@ mount --bind {guest_dir} {m}{guest_dir}
             time.sleep(0.05)
         if self.session:
             os.chown(tap, SESSION_UID, SESSION_UID)  # as virt-handler hands it to qemu 107
-        return PodMacvtap(name, ifindex, tap, str(info["address"]), host.ifindex)
+        mvt = PodMacvtap(name, ifindex, tap, str(info["address"]), host.ifindex, want)
+        self.macvtaps.append(mvt)
+        return mvt
 
     def _pod_root(self) -> Path:
         """The pod's / seen from the host, through any process in it."""
@@ -500,6 +536,20 @@ mount --bind {guest_dir} {m}{guest_dir}
     def kill_daemon(self, signum: int = signal.SIGKILL) -> None:
         """Kill the pod's libvirtd (its QEMUs and virtlogd live on); start() brings it back."""
         self.kill(signum)
+        if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = None
+
+    def start(self, timeout: float = 60.0) -> Self:
+        """Start the pod, or its daemon again after kill_daemon (same namespaces); the
+        pod's guests are handed the new connection."""
+        super().start(timeout)
+        for g in self._guests:
+            if g.dom is not None:
+                g._conn = self.conn  # Guest keeps the connection it was made with
+                g.dom = self.conn.lookupByName(g.name)
+        return self
 
 
 # --------------------------------------------------------------------------- leftovers
