@@ -158,6 +158,9 @@ def test_cleanup_removes_an_interrupted_pod(lower: str) -> None:
     try:
         pod.start()
         pod.add_macvtap(lower, NIC)
+        with pytest.raises(libvirt.libvirtError, match="dev doesn.t exist"):
+            pod.guest(NAMESPACE, VMI, [KubevirtNic("nosuch")])  # a failed start leaves nothing
+        assert pod.conn.listAllDomains(0) == []
         assert pod.leftovers()
         # As a run killed here would leave it: found again by its prefix alone.
         assert cleanup_pods() == ["pod z"]

@@ -384,7 +384,8 @@ mount --bind {guest_dir} {m}{guest_dir}
 
     def leftovers(self) -> list[str]:
         """What of this pod still exists (empty after close, once the kernel has deleted
-        the macvtaps of its network namespace, which it does asynchronously)."""
+        the macvtaps of its network namespace, which it does asynchronously when the
+        namespace ends: their /dev/tapN going is the sign that it has ended)."""
         left = [f"process {pid}" for pid in self.processes()]
         paths = (str(self.base), str(self.console_dir), str(self.named_netns))
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -394,14 +395,6 @@ mount --bind {guest_dir} {m}{guest_dir}
         for path in (self.base, self.console_dir, self.named_netns):
             if path.exists():
                 left.append(f"path {path}")
-        if self.netns_inode is not None:
-            for entry in Path("/proc").iterdir():
-                with contextlib.suppress(OSError):
-                    if (
-                        entry.name.isdigit()
-                        and (entry / "ns/net").stat().st_ino == self.netns_inode
-                    ):
-                        left.append(f"process {entry.name} in the pod's network namespace")
         for mvt in self.macvtaps:
             with contextlib.suppress(OSError):
                 if mvt.tap_path.stat().st_rdev == mvt.rdev:
