@@ -158,7 +158,7 @@ def test_cleanup_removes_an_interrupted_pod(lower: str) -> None:
     try:
         pod.start()
         pod.add_macvtap(lower, NIC)
-        with pytest.raises(libvirt.libvirtError, match="dev doesn.t exist"):
+        with pytest.raises(libvirt.libvirtError, match="specified dev"):
             pod.guest(NAMESPACE, VMI, [KubevirtNic("nosuch")])  # a failed start leaves nothing
         assert pod.conn.listAllDomains(0) == []
         assert pod.leftovers()

@@ -150,7 +150,7 @@ class SimulatedPod(RootLibvirtd):
     macvtaps moved there go with it) and unmounts everything; it is idempotent.
     """
 
-    def __init__(self, name: str, *, hostname: str | None = None, session: bool = False):
+    def __init__(self, name: str, *, hostname: str | None = None, session: bool = False) -> None:
         self.name = name
         self.full_name = f"{prefix()}pod-{name}"
         _check_name(self.full_name)
