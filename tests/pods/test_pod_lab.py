@@ -138,8 +138,8 @@ def test_three_pods_guests_on_their_own_macvtaps(
         finally:
             conn.close()
 
-        for pod, _, _ in lab.values():
-            pod.close()
+        for name, (pod, _, _) in lab.items():
+            pod.close(graceful=name != "c")  # c: everything SIGKILLed, as a lost pod
             pod.close()  # idempotent
         for name, (pod, _, _) in lab.items():
 
