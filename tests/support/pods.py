@@ -2,7 +2,8 @@
 
 A :class:`SimulatedPod` is what rxfilterd's pod discovery meets on a KubeVirt node: a
 libvirt daemon (Debian 13's 11.3, from the cached root of tests/support/libvirt_root.py)
-chrooted in a mount namespace AND a network namespace of its own, with its own /run,
+chrooted in mount, network and PID namespaces of its own (its PID 1 a reaper, as a
+pod's pause process; pids in its pid files are the pod's own), with its own /run,
 /var/lib/libvirt, /var/log/libvirt (the overlay's upper half) and /etc/hostname, and a
 virtlogd of its own as in virt-launcher. From the host it is reached only the way
 rxfilterd reaches it: ``/proc/PID/root/run/libvirt/<sock>`` and ``/proc/PID/ns/net``::
@@ -12,6 +13,7 @@ rxfilterd reaches it: ``/proc/PID/root/run/libvirt/<sock>`` and ``/proc/PID/ns/n
         upper/ work/ merged/            the overlay on the cached root
         run/                            the pod's /run (tmpfs): run/libvirt/libvirt-sock
         hostname                        bound over the pod's /etc/hostname
+        init.pid                        the host's pid of the pod's PID 1
     /run/netns/<prefix>pod-<name>       its network namespace (``ip netns``)
     /run/rxfilterd-test/<prefix>pod-<name>/   its guests' serial sockets, bound at the
                                         same path inside (two pods may hold the same
@@ -36,9 +38,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -162,6 +166,7 @@ class SimulatedPod(RootLibvirtd):
         self._conn: Any = None
         self._guests: list[Guest] = []
         self._macvtaps = 0
+        self._init: subprocess.Popen[bytes] | None = None
         self.macvtaps: list[PodMacvtap] = []
         self.netns_inode: int | None = None  # of the pod's network namespace, once made
         if session:
@@ -178,6 +183,28 @@ class SimulatedPod(RootLibvirtd):
         return super().log_dir
 
     # ------------------------------------------------------------------ what rxfilterd sees
+
+    @property
+    def pid(self) -> int | None:
+        """The running libvirtd's pid on the host (its pid file holds the pod's own)."""
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == self.daemon and _alive(pid):
+                    return pid
+        return None
+
+    def host_pid(self, pod_pid: int) -> int:
+        """The host's pid of the pod's process POD_PID (e.g. from a pid file in the pod)."""
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                nspid = re.search(r"^NSpid:\s+(.*)$", status, re.M)
+                if nspid and int(nspid.group(1).split()[-1]) == pod_pid:
+                    return pid
+        raise ProcessLookupError(f"pod {self.name} has no process {pod_pid}")
+
+    def qemu_pid(self, domain: str) -> int:
+        return self.host_pid(super().qemu_pid(domain))
 
     @property
     def daemon_pid(self) -> int:
@@ -253,7 +280,6 @@ class SimulatedPod(RootLibvirtd):
 mount -t overlay rxft-pod -o lowerdir={ROOT},upperdir={b}/upper,workdir={b}/work {m}
 mount --rbind /dev {m}/dev
 mount -t sysfs sysfs {m}/sys
-mount -t proc proc {m}/proc
 mount --bind {b}/run {m}/run
 mount --bind {b}/hostname {m}/etc/hostname
 mkdir -p {m}{self.console_dir} {m}{guest_dir}
@@ -274,6 +300,48 @@ mount --bind {guest_dir} {m}{guest_dir}
             ],
             timeout=timeout,
         )
+        self._start_init(timeout)
+        # A proc of the pod's PID namespace: libvirtd finds its QEMUs there by their pids.
+        self._in_pod("mount", "-t", "proc", "proc", "/proc", timeout=timeout)
+
+    def _start_init(self, timeout: float) -> None:
+        """The pod's PID 1 (as a pod's pause process): it reaps the daemonized libvirtd's
+        and QEMU's exits at once. Without it they are reparented to this machine's
+        PID 1, which reaps every ~2 s, and libvirt waits for that on every destroy."""
+        self._init = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net={self.named_netns}",
+                f"--mount={self.ns_file}",
+                "unshare",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                sys.executable,
+                "-c",
+                _REAPER,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        children = Path(f"/proc/{self._init.pid}/task/{self._init.pid}/children")
+        deadline = time.monotonic() + timeout
+        while not (found := children.read_text().split()):
+            if self._init.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pod {self.name}: its PID 1 did not start")
+            time.sleep(0.01)
+        (self.base / "init.pid").write_text(found[0])
+
+    @property
+    def init_pid(self) -> int | None:
+        """The pod's PID 1, as the host sees it (None when it is gone)."""
+        try:
+            pid = int((self.base / "init.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
 
     def _write_config(self) -> None:
         etc = self.base / "upper" / "etc" / "libvirt"
@@ -283,12 +351,17 @@ mount --bind {guest_dir} {m}{guest_dir}
         (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF)
 
     def _in_pod(self, *argv: str, timeout: float = 30.0) -> None:
-        """ARGV run chrooted in the pod, in its mount and network namespaces."""
+        """ARGV run chrooted in the pod, in its mount, network and PID namespaces."""
+        init = self.init_pid
+        if init is None:
+            raise RuntimeError(f"pod {self.name}: its PID 1 is gone")
         _run(
             [
                 "nsenter",
-                f"--mount={self.ns_file}",
-                f"--net={self.named_netns}",
+                f"--target={init}",
+                "--mount",
+                "--net",
+                "--pid",
                 "chroot",
                 str(self.merged),
                 *argv,
@@ -297,7 +370,8 @@ mount --bind {guest_dir} {m}{guest_dir}
         )
 
     def _launch(self, timeout: float) -> None:
-        if not self._namespace_alive():
+        if not self._namespace_alive() or self.init_pid is None:
+            self.close()  # a pod whose PID 1 died is dead: start it anew
             self._make_namespace(timeout)
         if not self.session:
             # virtlogd first, as virt-launcher starts it: QEMU's output goes through it.
@@ -375,9 +449,12 @@ mount --bind {guest_dir} {m}{guest_dir}
                 self._conn.close()
             self._conn = None
         try:
-            super().close()  # domains, daemons, QEMUs, mounts, the root's lock
+            super().close()  # domains, daemons, QEMUs, PID 1, mounts, the root's lock
         except Exception as exc:
             errors.append(exc)
+        if self._init is not None:
+            self._init.wait()  # killed with the rest: our child, reaped here
+            self._init = None
         # No process is left in the network namespace: deleting its name ends it, and
         # the macvtaps moved into it are deleted with it.
         if self.named_netns.exists():
@@ -510,11 +587,12 @@ mount --bind {guest_dir} {m}{guest_dir}
         return mvt
 
     def _pod_root(self) -> Path:
-        """The pod's / seen from the host, through any process in it."""
-        pids = self.processes()
-        if not pids:
-            raise RuntimeError(f"pod {self.name}: no process in it")
-        return Path(f"/proc/{pids[0]}/root")
+        """The pod's / seen from the host, through a process chrooted in it."""
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/root") == str(self.merged):
+                    return Path(f"/proc/{pid}/root")
+        raise RuntimeError(f"pod {self.name}: no process in it")
 
     def guest(
         self,
@@ -533,6 +611,22 @@ mount --bind {guest_dir} {m}{guest_dir}
             raise ValueError(f"console socket path too long: {g.console_path}")
         self._guests.append(g)
         return g.start() if start else g
+
+    def kill(self, signum: int = signal.SIGKILL, timeout: float = 15.0) -> None:
+        """Signal the daemon and wait until it has exited. A zombie counts as exited: it
+        holds no namespace, socket or file any more, and this machine's PID 1 reaps
+        orphans only every ~2 s (LabLibvirtd.kill waits for that)."""
+        pid = self.pid
+        if pid is None:
+            return
+        os.kill(pid, signum)
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"libvirtd {pid} still running {timeout} s after {signum}")
+            time.sleep(0.02)
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
 
     def kill_daemon(self, signum: int = signal.SIGKILL) -> None:
         """Kill the pod's libvirtd (its QEMUs and virtlogd live on); start() brings it back."""
@@ -571,6 +665,25 @@ def cleanup_pods() -> list[str]:
         SimulatedPod(name).close()
         removed.append(f"pod {name}")
     return removed
+
+
+_REAPER = """
+import os, time
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.02)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """PID exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _run(argv: list[str], timeout: float = 30.0) -> None:
