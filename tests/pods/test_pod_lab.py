@@ -37,7 +37,10 @@ PODS = {  # name: (MAC, session, clash_ifindex)
     "b": ("52:54:00:9d:00:02", False, True),
     "c": ("52:54:00:9d:00:03", True, False),
 }
-NAMESPACE, VMI = prefixed("ns"), "vm"
+NAMESPACE, VMI = prefixed("ns"), prefixed("vm")
+# KubeVirt names a pod's host after its VMI: a and b stand for same-named VMIs in two
+# namespaces, so they share a hostname; c keeps the lab's default, its own.
+HOSTNAMES = {"a": VMI, "b": VMI, "c": prefixed("pod-c")}
 
 
 def _qemus(pod: SimulatedPod) -> list[int]:
@@ -67,9 +70,8 @@ def test_three_pods_guests_on_their_own_macvtaps(
     try:
         lab: dict[str, tuple[SimulatedPod, PodMacvtap, Guest]] = {}
         for name, (mac, session, clash) in PODS.items():
-            # KubeVirt names the pod's host after the VMI: the same VMI name in two
-            # namespaces gives two pods the same /etc/hostname.
-            pod = pods(name, session=session, hostname=VMI)
+            hostname = HOSTNAMES[name] if name != "c" else None
+            pod = pods(name, session=session, hostname=hostname)
             mvt = pod.add_macvtap(lower, NIC, mac=mac, clash_ifindex=clash)
             guest = pod.guest(NAMESPACE, VMI, [KubevirtNic(NIC, mac=mac, trust=True)])
             lab[name] = (pod, mvt, guest)
@@ -86,7 +88,7 @@ def test_three_pods_guests_on_their_own_macvtaps(
             mac, session, _ = PODS[name]
             assert Path(f"/proc/{pod.daemon_pid}/comm").read_text().strip() == "libvirtd"
             hostname = Path(f"/proc/{pod.daemon_pid}/root/etc/hostname").read_text().strip()
-            assert hostname == pod.hostname == VMI
+            assert hostname == pod.hostname == HOSTNAMES[name]
             assert pod.netns_path.stat().st_ino == pod.named_netns.stat().st_ino
             # rxfilterd's way in: the socket through the daemon's root.
             conn = libvirt.open(pod.proc_uri)

@@ -145,9 +145,10 @@ class PodMacvtap:
 class SimulatedPod(RootLibvirtd):
     """One virt-launcher pod: ``with SimulatedPod("a") as pod: pod.guest(...)``.
 
-    HOSTNAME is its /etc/hostname: KubeVirt gives a virt-launcher pod the VMI's name
-    (pkg/util/net/dns/sanitize.go SanitizeHostname: the name's first label, or
-    spec.hostname), so pods of same-named VMIs in two namespaces share it.
+    HOSTNAME is its /etc/hostname, by default ``<prefix>pod-<name>`` (so that rxfilterd's
+    [pods] match can keep a test to its own pods). KubeVirt gives a virt-launcher pod the
+    VMI's name (pkg/util/net/dns/sanitize.go SanitizeHostname: the name's first label,
+    or spec.hostname), so pods of same-named VMIs in two namespaces share one.
 
     Enter starts it (clearing what an interrupted run left under the same name); close
     destroys its domains, ends every process in it, removes its network namespace (the
@@ -159,7 +160,7 @@ class SimulatedPod(RootLibvirtd):
         self.full_name = f"{prefix()}pod-{name}"
         _check_name(self.full_name)
         super().__init__(Path("/run") / self.full_name)
-        self.hostname = hostname or f"virt-launcher-{name}"
+        self.hostname = hostname or self.full_name
         self.session = session
         self.netns = self.full_name
         self.console_dir = RUN_DIR / self.full_name
