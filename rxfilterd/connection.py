@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,8 +27,10 @@ class Endpoint:
     """Where one libvirt is, and where its NICs live.
 
     NAME is "host" or "pod/<name>"; NETNS the network namespace of its NICs (None:
-    ours); PID the daemon's pid for a pod's libvirt, with its start time (a pid may be
-    reused: the two together name one process).
+    ours). For a pod's libvirt: IDENTITY, the same for as long as the pod's daemon
+    serves that socket in that mount namespace, and PID, a process of the pod through
+    whose /proc entry URI and NETNS reach it, with its start time (a pid may be reused:
+    the two together name one process).
     """
 
     name: str
@@ -35,6 +38,10 @@ class Endpoint:
     netns: str | None = None
     pid: int | None = None
     started: int | None = None
+    identity: str = ""
+
+    def renamed(self, name: str) -> Endpoint:
+        return dataclasses.replace(self, name=name)
 
 
 class Connection:

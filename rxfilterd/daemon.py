@@ -186,14 +186,32 @@ class Daemon:
             await wait(stop, max(0.0, self.config.pods.scan_interval - spent))
 
     async def _follow_pods(self, found: list[Endpoint], stop: asyncio.Event) -> None:
-        now = {e.name: e for e in found}
-        gone = [n for n, pod in self._pods.items() if now.get(n) != pod.connection.endpoint]
-        await self._drop_pods(gone, "gone")
-        # A connection that ended by itself failed: dropped now, served again next scan.
+        """Drop the pods that went, serve the ones that came; the others keep their name."""
+        assert self._pod_source is not None
+        now = {e.identity for e in found}
+        served = {pod.connection.endpoint.identity: n for n, pod in self._pods.items()}
+        await self._drop_pods([n for i, n in served.items() if i not in now], "gone")
+        # Its daemon restarted in the same pod (the pid it was reached through ended),
+        # or its connection ended by itself (failed): served afresh below.
+        await self._drop_pods(
+            [
+                n
+                for n, pod in self._pods.items()
+                if not self._pod_source.alive(pod.connection.endpoint)
+            ],
+            "restarted",
+        )
         await self._drop_pods([n for n, pod in self._pods.items() if pod.task.done()], "failed")
+        serving = {pod.connection.endpoint.identity for pod in self._pods.values()}
         for endpoint in found:
-            if endpoint.name not in self._pods and not stop.is_set():
-                await self._add_pod(endpoint, stop)
+            if endpoint.identity not in serving and not stop.is_set():
+                await self._add_pod(self._unique(endpoint), stop)
+
+    def _unique(self, endpoint: Endpoint) -> Endpoint:
+        """ENDPOINT under a name no served pod has (pods of one hostname: the pid added)."""
+        if endpoint.name in self._pods:
+            return endpoint.renamed(f"{endpoint.name}@{endpoint.pid}")
+        return endpoint
 
     async def _add_pod(self, endpoint: Endpoint, stop: asyncio.Event) -> None:
         assert self._pod_source is not None and self._open_network is not None

@@ -15,7 +15,7 @@ from rxfilterd.connection import Endpoint
 from rxfilterd.hypervisor import Hypervisor, HypervisorError
 from rxfilterd.inventory import NicReport, handling_notes, survey
 from rxfilterd.macvtap import HostNetwork, pinned_network
-from rxfilterd.pods import PodScanner
+from rxfilterd.pods import PodScanner, distinct
 from rxfilterd.policy import ALL_FIELDS
 from rxfilterd.records import EXPLAIN_COLUMNS, NicRow, format_table
 
@@ -50,7 +50,7 @@ async def _survey(config: Config, only: str | None) -> tuple[list[NicReport], li
     endpoints = [Endpoint("host", config.libvirt.uri)] if config.libvirt.uri else []
     if config.pods.enabled:
         scanner = PodScanner(config.pods)
-        endpoints += [e for e in scanner.scan() if scanner.wanted(e)]
+        endpoints += distinct([e for e in scanner.scan() if scanner.wanted(e)])
     for endpoint in endpoints:
         try:
             found = await _survey_one(config, endpoint, only)

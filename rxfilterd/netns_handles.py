@@ -59,12 +59,15 @@ class NetnsHandles:
                 self._sock = _ioctl_socket()
             else:
                 self._sock = await in_netns(self.netns, _ioctl_socket)
-            # flags=0: never create a namespace by accident; groups=0: request-only
-            # socket, so no unread events pile up.
+            # groups=0: a request-only socket, so no unread events pile up. In another
+            # namespace the socket is made here, in a thread that entered it: pyroute2's
+            # own netns= forks a child, which can hang on a lock another thread held
+            # (libvirt's) and blocks the event loop while it waits (seen: a minute).
             if self.netns is None:
                 self.ipr = AsyncIPRoute(groups=0)
             else:
-                self.ipr = AsyncIPRoute(netns=self.netns, flags=0, groups=0)
+                fileno = await in_netns(self.netns, _netlink_socket)
+                self.ipr = AsyncIPRoute(fileno=fileno, groups=0)
             await self.ipr.setup_endpoint()
         except BaseException:
             self.close()
@@ -108,6 +111,12 @@ class NetnsHandles:
         except OSError as exc:
             raise MacvtapError(label, "get link", exc.errno) from exc
         return replies[0] if replies else None
+
+
+def _netlink_socket() -> int:
+    """A new rtnetlink socket of the calling thread's namespace, as a bare descriptor."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
+    return sock.detach()
 
 
 def _ioctl_socket() -> socket.socket:

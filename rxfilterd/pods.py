@@ -38,14 +38,23 @@ class PodScanner:
         self._own_mount_ns = _readlink(proc / "self" / "ns" / "mnt")
 
     def scan(self) -> list[Endpoint]:
-        """One endpoint per pod libvirt (per mount namespace and socket), sorted by name."""
-        found: dict[tuple[str, str], Endpoint] = {}
+        """One endpoint per pod libvirt (per mount namespace and socket), sorted by name.
+
+        Names are not made unique here: two pods may share a hostname (the daemon adds
+        a pid to the second one it serves, and keeps each name while the pod lives).
+        """
+        found: dict[str, tuple[_Process, str]] = {}
         for process in self._daemons():
             socket = self._socket(process.pid)
-            if socket is None or (process.mount_ns, socket) in found:
+            if socket is None:
                 continue
-            found[(process.mount_ns, socket)] = self._endpoint(process, socket)
-        return _unique_names(sorted(found.values(), key=lambda e: (e.name, e.pid or 0)))
+            # A daemon that forks (daemonizing, or to exec QEMU) shows up twice for a
+            # moment: one pod still, reached through its newest process.
+            identity = f"{process.mount_ns} {socket}"
+            if identity not in found or found[identity][0].started < process.started:
+                found[identity] = (process, socket)
+        endpoints = [self._endpoint(p, s, identity) for identity, (p, s) in found.items()]
+        return sorted(endpoints, key=lambda e: (e.name, e.pid or 0))
 
     def _daemons(self) -> list[_Process]:
         out = []
@@ -65,29 +74,35 @@ class PodScanner:
         return out
 
     def _socket(self, pid: int) -> str | None:
+        """The first of [pods] sockets that is a socket inside PID's root."""
         root = self.proc / str(pid) / "root"
         for path in self.settings.sockets:
-            candidate = f"{root}{path}"
             try:
-                if stat.S_ISSOCK(os.stat(candidate).st_mode):
-                    return candidate
+                if stat.S_ISSOCK(os.stat(f"{root}{path}").st_mode):
+                    return path
             except OSError:
                 continue
         return None
 
-    def _endpoint(self, process: _Process, socket: str) -> Endpoint:
+    def _endpoint(self, process: _Process, socket: str, identity: str) -> Endpoint:
         # A non-root daemon is a session daemon: it serves qemu:///session only.
         mode = "system" if process.uid == 0 else "session"
+        base = self.proc / str(process.pid)
         return Endpoint(
             name=f"pod/{self._pod_name(process.pid)}",
-            uri=f"qemu+unix:///{mode}?socket={socket}",
-            netns=str(self.proc / str(process.pid) / "ns" / "net"),
+            uri=f"qemu+unix:///{mode}?socket={base}/root{socket}",
+            netns=str(base / "ns" / "net"),
             pid=process.pid,
             started=process.started,
+            identity=identity,
         )
 
     def _pod_name(self, pid: int) -> str:
-        """The pod's hostname (Kubernetes sets it to the pod's name), else pid-PID."""
+        """The pod's hostname, else pid-PID.
+
+        KubeVirt sets a virt-launcher pod's hostname to its VMI's name (or spec.hostname):
+        VMIs of one name in two namespaces share it, and _unique_names adds their pids.
+        """
         try:
             with open(self.proc / str(pid) / "root" / "etc" / "hostname", "rb") as file:
                 raw = file.read(HOST_NAME_MAX + 1)
@@ -145,12 +160,19 @@ def _is_hostname(name: str) -> bool:
     return all(c.isalnum() or c in "-." for c in name) and name[0].isalnum()
 
 
-def _unique_names(endpoints: list[Endpoint]) -> list[Endpoint]:
-    """Two pods of one hostname (hostNetwork pods share the node's) get their pids added."""
-    names = [e.name for e in endpoints]
-    return [
-        e
-        if names.count(e.name) == 1
-        else Endpoint(f"{e.name}@{e.pid}", e.uri, e.netns, e.pid, e.started)
-        for e in endpoints
-    ]
+def distinct(endpoints: list[Endpoint]) -> list[Endpoint]:
+    """ENDPOINTS (sorted by name and pid) with a pid added to every repeated name.
+
+    The daemon names pods the same way as it finds them: the first of a hostname
+    keeps it, later ones get their pid.
+    """
+    seen: set[str] = set()
+    out = []
+    for endpoint in endpoints:
+        out.append(
+            endpoint
+            if endpoint.name not in seen
+            else endpoint.renamed(f"{endpoint.name}@{endpoint.pid}")
+        )
+        seen.add(endpoint.name)
+    return out

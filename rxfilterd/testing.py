@@ -190,26 +190,37 @@ class FakeNode:
     def __init__(self) -> None:
         self.libvirts: dict[str, FakeLibvirt] = {}
         self.networks: dict[str, FakeHostNetwork] = {}
+        # By key; two pods may share a name (hostname), as in KubeVirt.
         self.pods: dict[str, Endpoint] = {}
+        self.started = 0
         # Pods whose daemon was replaced by another process of the same pid.
         self.replaced: set[str] = set()
         # Networks open now, by namespace (each open must be closed).
         self.open: list[str] = []
         self.scans = 0
 
-    def add_pod(self, name: str, libvirt: FakeLibvirt, network: FakeHostNetwork) -> Endpoint:
-        pid = 1000 + len(self.pods)
+    def add_pod(
+        self, name: str, libvirt: FakeLibvirt, network: FakeHostNetwork, key: str = ""
+    ) -> Endpoint:
+        """A pod named NAME (its hostname), under KEY (default NAME) for remove_pod."""
+        pid = 1000 + self.started
+        self.started += 1
         endpoint = Endpoint(
-            f"pod/{name}", f"fake:///{name}", netns=f"/proc/{pid}/ns/net", pid=pid, started=pid
+            f"pod/{name}",
+            f"fake:///{pid}",
+            netns=f"/proc/{pid}/ns/net",
+            pid=pid,
+            started=pid,
+            identity=f"mnt:[{pid}] /run/libvirt/libvirt-sock",
         )
-        self.pods[name] = endpoint
+        self.pods[key or name] = endpoint
         self.libvirts[endpoint.uri] = libvirt
         assert endpoint.netns is not None
         self.networks[endpoint.netns] = network
         return endpoint
 
-    def remove_pod(self, name: str) -> None:
-        del self.pods[name]
+    def remove_pod(self, key: str) -> None:
+        del self.pods[key]
 
     def connect(
         self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None

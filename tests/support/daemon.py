@@ -100,8 +100,14 @@ class RunningDaemon:
         )
         log.close()
         if self.log_format_is_json():
-            self.wait_for(lambda r: r.get("event") == "connected", 30, "connected to libvirt")
+            # Connected, or (no host libvirt: pods only) serving its status socket.
+            first = ("connected",) if self.serves_host() else ("connected", "status: listening")
+            self.wait_for(lambda r: r.get("event") in first, 30, "connected to libvirt")
         return self
+
+    def serves_host(self) -> bool:
+        """Whether its config names a host libvirt ([libvirt] uri not empty)."""
+        return 'uri = ""' not in self.config.read_text()
 
     def log_format_is_json(self) -> bool:
         return '\nformat = "json"' in self.config.read_text()

@@ -107,27 +107,29 @@ def test_a_non_root_daemon_is_asked_for_its_session(proc: FakeProc) -> None:
 
 def test_sockets_are_tried_in_order_and_one_pod_is_one_connection(proc: FakeProc) -> None:
     proc.add(101, "libvirtd", hostname="p1", sock="/var/run/libvirt/libvirt-sock")
-    # A second daemon in the same mount namespace listening on the same socket.
-    proc.add(102, "libvirtd", hostname="p1", sock=None)
     [pod] = scanner(proc).scan()
     assert pod.uri.endswith("/101/root/var/run/libvirt/libvirt-sock")
     assert scanner(proc, sockets=("/elsewhere",)).scan() == []
 
 
-def test_names_come_from_the_hostname_and_never_collide(proc: FakeProc) -> None:
-    proc.add(101, "virtqemud", mnt="mnt:[5]", hostname="node-1")
-    proc.add(102, "virtqemud", mnt="mnt:[6]", hostname="node-1")  # hostNetwork pods
+def test_names_come_from_the_hostname(proc: FakeProc) -> None:
+    proc.add(101, "virtqemud", mnt="mnt:[5]", hostname="vm1")
+    proc.add(102, "virtqemud", mnt="mnt:[6]", hostname="vm1")  # same-named VMIs
     proc.add(103, "virtqemud", mnt="mnt:[7]", hostname="bad/name")
     proc.add(104, "virtqemud", mnt="mnt:[8]")  # no /etc/hostname
     proc.add(105, "virtqemud", mnt="mnt:[9]", hostname="x" * 200)
-    names = [e.name for e in scanner(proc).scan()]
-    assert names == [
-        "pod/node-1@101",
-        "pod/node-1@102",
-        "pod/pid-103",
-        "pod/pid-104",
-        "pod/pid-105",
-    ]
+    found = scanner(proc).scan()
+    names = ["pod/pid-103", "pod/pid-104", "pod/pid-105", "pod/vm1", "pod/vm1"]
+    assert [e.name for e in found] == names  # the daemon adds a pid to a second vm1
+    assert len({e.identity for e in found}) == 5
+
+
+def test_a_forking_daemon_is_one_pod_reached_through_its_newest_process(proc: FakeProc) -> None:
+    proc.add(101, "libvirtd", hostname="p1", started=500)
+    # Its child (daemonizing, or forked to exec QEMU), in the same mount namespace.
+    proc.add(102, "libvirtd", mnt="mnt:[2]", hostname="p1", started=600)
+    [pod] = scanner(proc).scan()
+    assert pod.pid == 102 and pod.uri.endswith(f"/102/root{SOCK}")
 
 
 def test_match_and_alive(proc: FakeProc) -> None:
@@ -206,8 +208,9 @@ def synced(network: FakeHostNetwork, mac: str) -> bool:
 def test_two_pods_with_the_same_domain_never_mix() -> None:
     node = FakeNode()
     net_a, net_b = FakeHostNetwork(host_state()), FakeHostNetwork(host_state())
-    node.add_pod("launcher-a", pod_libvirt(MAC1), net_a)
-    node.add_pod("launcher-b", pod_libvirt("52:54:00:10:00:0b"), net_b)
+    # Same-named VMIs in two namespaces: KubeVirt gives both pods the VMI's hostname.
+    node.add_pod("vm1", pod_libvirt(MAC1), net_a, key="a")
+    node.add_pod("vm1", pod_libvirt("52:54:00:10:00:0b"), net_b, key="b")
 
     async def scenario() -> None:
         async with Node(node) as running:
@@ -219,11 +222,11 @@ def test_two_pods_with_the_same_domain_never_mix() -> None:
             ]
             keys = sorted(running.states)
             assert keys == [
-                ("pod/launcher-a", "default_vm1", "net0"),
-                ("pod/launcher-b", "default_vm1", "net0"),
+                ("pod/vm1", "default_vm1", "net0"),
+                ("pod/vm1@1001", "default_vm1", "net0"),
             ]
-            assert running.states[keys[0]].row.libvirt == "pod/launcher-a"
-            assert list(running.daemon.board.connections) == ["pod/launcher-a", "pod/launcher-b"]
+            assert running.states[keys[1]].row.libvirt == "pod/vm1@1001"
+            assert list(running.daemon.board.connections) == ["pod/vm1", "pod/vm1@1001"]
             assert "2 pods (2 connected)" in running.daemon.status()
 
     asyncio.run(scenario())
