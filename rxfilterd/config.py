@@ -9,6 +9,7 @@ tells an operator what to fix. Why no schema library: docs/service.md.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import ssl
 import tomllib
@@ -100,13 +101,18 @@ class SyncSettings(SyncPolicy):
     retry_max: float = 30.0
 
 
+def _default_client_id() -> str:
+    """RXFILTERD_CLIENT_ID (a DaemonSet passes the node's name), else the host name."""
+    return os.environ.get("RXFILTERD_CLIENT_ID") or socket.gethostname()
+
+
 @dataclass(frozen=True)
 class MqttSettings:
     enabled: bool = False
     host: str = "localhost"
     port: int = 1883
     topic_prefix: str = "rxfilterd"
-    client_id: str = field(default_factory=socket.gethostname)
+    client_id: str = field(default_factory=_default_client_id)
     username: str | None = None
     password_file: str | None = None
     tls_ca: str | None = None

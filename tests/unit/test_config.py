@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,12 @@ fields = ["mac"]
         ("[metrics]\ndomain_label = 1\n", "metrics.domain_label: expected true or false"),
         ("[metrics]\nport = 1\n", "metrics.port: unknown key"),
         ("[status]\nsocket = 'status.sock'\n", "status.socket: must be an absolute path"),
+        ("[pods]\nsockets = ['run/x']\n", "pods.sockets[0]: 'run/x' is not an absolute path"),
+        ("[pods]\nsockets = ['/a/../b']\n", "pods.sockets[0]: '/a/../b' is not an absolute"),
+        ("[pods]\ndaemons = 'virtqemud'\n", "pods.daemons: expected a list, got a string"),
+        ("[pods]\nenabled = true\ndaemons = []\n", "pods: daemons and sockets must each"),
+        ("[pods]\nscan_interval = 0\n", "pods.scan_interval: must be above 0"),
+        ("[libvirt]\nuri = ''\n", 'libvirt.uri: "" (no host libvirt) needs [pods] enabled'),
     ],
 )
 def test_more_bad_values_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -210,3 +217,12 @@ def test_more_bad_values_name_the_file_and_the_key(tmp_path: Path, text: str, me
         config.load(path)
     assert str(err.value).startswith(f"{path}: ")
     assert message in str(err.value)
+
+
+def test_the_mqtt_client_id_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A DaemonSet passes the node's name: the pod's host name changes on every restart.
+    monkeypatch.setenv("RXFILTERD_CLIENT_ID", "node-7")
+    assert config.from_dict({}).mqtt.client_id == "node-7"
+    assert config.from_dict({"mqtt": {"client_id": "hv1"}}).mqtt.client_id == "hv1"
+    monkeypatch.delenv("RXFILTERD_CLIENT_ID")
+    assert config.from_dict({}).mqtt.client_id == socket.gethostname()

@@ -131,6 +131,11 @@ def test_capabilities_are_exactly_the_documented_ones(container: Any) -> None:
     assert "allowPrivilegeEscalation" not in security
 
 
+def test_the_mqtt_host_level_is_the_node_not_the_pod(container: Any) -> None:
+    [env] = [e for e in container["env"] if e["name"] == "RXFILTERD_CLIENT_ID"]
+    assert env["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
 def test_the_image_is_this_version_of_the_dockerfile(container: Any) -> None:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert container["image"] == f"rxfilterd:{version}"
