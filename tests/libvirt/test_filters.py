@@ -28,6 +28,7 @@ IPV6 = "2001:db8::12:3456"
 SOLICITED = "33:33:ff:12:34:56"  # the solicited-node group of IPV6
 MANY = 70  # more groups than QEMU's 64-entry MAC table holds
 EXPLAIN_KEYS = {
+    "libvirt",
     "domain",
     "alias",
     "ifname",

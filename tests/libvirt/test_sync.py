@@ -218,6 +218,7 @@ def test_explain_resolves_trust_through_networks_and_portgroups(
     rows = json.loads(out)
     assert [set(r) for r in rows] == [
         {
+            "libvirt",
             "domain",
             "alias",
             "ifname",
@@ -234,6 +235,7 @@ def test_explain_resolves_trust_through_networks_and_portgroups(
         assert (row["trust"], row["trust_source"], row["action"]) == (trust, source, action), row
         assert row["type"] == "direct"  # live XML shows the actual type
     assert rows[-1]["reason"] == "not virtio"
+    assert {r["libvirt"] for r in rows} == {"host"}  # the configured libvirt's NICs
     # libvirt resolves the same trust for each network port.
     by_mac = {n.mac: n for n in guest.interfaces()}
     ports = {}
@@ -251,7 +253,7 @@ def test_explain_resolves_trust_through_networks_and_portgroups(
         check=True,
         timeout=60,
     ).stdout
-    assert table.splitlines()[0].split()[:3] == ["DOMAIN", "ALIAS", "IFNAME"]
+    assert table.splitlines()[0].split()[:4] == ["LIBVIRT", "DOMAIN", "ALIAS", "IFNAME"]
     assert len(table.splitlines()) == len(cases) + 1
 
 
