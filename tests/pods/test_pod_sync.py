@@ -9,18 +9,16 @@ to its own pod's macvtap and never to the host's.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.daemon import Record, RunningDaemon, wait_until
+from tests.support.daemon import Record, RunningDaemon, cli_json, wait_until
 from tests.support.guest import Guest, create_macvtap, delete_link, link_show, prefix, prefixed
 from tests.support.pods import KubevirtNic, SimulatedPod
 
@@ -91,14 +89,7 @@ def connection_of(daemon: RunningDaemon, pod: SimulatedPod) -> str:
 
 
 def explain(daemon: RunningDaemon) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "rxfilterd", "explain", "--json", "--config", str(daemon.config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    rows: list[dict[str, Any]] = cli_json(daemon.config, "explain")
     return rows
 
 
@@ -159,14 +150,7 @@ def _answers(daemon: RunningDaemon) -> bool:
 
 
 def _connections(daemon: RunningDaemon) -> list[str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "rxfilterd", "status", "--json", "--config", str(daemon.config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return [str(c["libvirt"]) for c in json.loads(out.stdout)["connections"]]
+    return [str(c["libvirt"]) for c in cli_json(daemon.config, "status")["connections"]]
 
 
 def test_pods_come_and_go_and_leave_nothing_behind(

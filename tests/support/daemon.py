@@ -172,6 +172,18 @@ class RunningDaemon:
             assert code == 0, f"rxfilterd exited with {code}"
 
 
+def cli_json(config: Path, command: str, timeout: float = 60.0) -> Any:
+    """`rxfilterd COMMAND --json` (status, explain) with CONFIG, parsed; raises on failure."""
+    out = subprocess.run(
+        [sys.executable, "-m", "rxfilterd", command, "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
     """Poll CHECK until true; returns seconds taken, or fails naming WHAT."""
     started = time.monotonic()
