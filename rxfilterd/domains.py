@@ -185,6 +185,12 @@ class Domains:
         self._count_nics()
         return self._workers.retire(workers, grace, then=self._log_tracking)
 
+    def withdraw(self, keep: set[tuple[str, str]] | None = None) -> None:
+        """NICs known before a disconnect and not seen since (KEEP aside) are gone."""
+        for domain, alias in sorted(self.unconfirmed - (keep or set())):
+            self.sinks.nic_gone(domain, alias)
+        self.unconfirmed.clear()
+
     def forget_unplugged_ports(self) -> None:
         plugged = {r.nic.portid for d in self.by_uuid.values() for r in d.reports.values()}
         for portid in set(self.ports) - plugged:

@@ -112,9 +112,7 @@ class Reconciler:
 
     def withdraw(self) -> None:
         """Its libvirt is gone for good (a pod ended): every NIC it knew is gone too."""
-        for domain, alias in sorted(self._domains.unconfirmed):
-            self.sinks.nic_gone(domain, alias)
-        self._domains.unconfirmed.clear()
+        self._domains.withdraw()
 
     # The session the supervisor runs on each connection.
     async def serve(
@@ -124,11 +122,9 @@ class Reconciler:
         self._hypervisor = hypervisor
         await self._reconcile_all(cause)
         # NICs known before the connection dropped that are not there any more.
-        unconfirmed = self._domains.unconfirmed
-        current = {(d.name, a) for d in self._domains.by_uuid.values() for a in d.reports}
-        for domain, alias in sorted(unconfirmed - current):
-            self.sinks.nic_gone(domain, alias)
-        unconfirmed.clear()
+        self._domains.withdraw(
+            keep={(d.name, a) for d in self._domains.by_uuid.values() for a in d.reports}
+        )
         if not self._ready and self._ready_task is None:
             # Not awaited here: a stuck domain must not hold up events for the others.
             self._ready_task = asyncio.get_running_loop().create_task(self._announce_ready())
