@@ -121,6 +121,25 @@ class DaemonMetrics:
         self.domain_label = domain_label
         # A domain's name is unique only within its libvirt (pods): both label it.
         by = ["libvirt", "domain"] if domain_label else []
+        self._families(by)
+        self.registry.register(_Snapshot(board, mqtt))
+        ProcessCollector(registry=self.registry)
+        if not domain_label:
+            self._start_at_zero()
+        self.events.labels(kind="rx_filter_changed")
+        # NIC -> its (trust, action) and when the last sync seen ended.
+        self._nics: dict[NicKey, tuple[str, str, float | None]] = {}
+        self._nic_counts: collections.Counter[tuple[str, ...]] = collections.Counter()
+        # NIC -> QEMU's timestamp of the earliest event no sync has answered yet.
+        self._pending: dict[tuple[str, str], float] = {}
+        # NICs whose current sync has had its latency observed.
+        self._observed: set[tuple[str, str]] = set()
+        # alias -> when its last query ended (for which events a sync answered).
+        self._query_ended: dict[str, float] = {}
+        self._server: Any = None
+
+    def _families(self, by: list[str]) -> None:
+        """The metric families fed by the sinks and the tracer (BY: the domain labels)."""
         r = self.registry
         self.events = Counter(
             "rxfilterd_events",
@@ -177,28 +196,17 @@ class DaemonMetrics:
             [*by, "trust", "action"],
             registry=r,
         )
-        r.register(_Snapshot(board, mqtt))
-        ProcessCollector(registry=r)
-        if not domain_label:  # series at 0 from the start, so rate() sees the first one
-            for result in SYNC_RESULTS:
-                self.syncs.labels(result=result)
-            for name in FIELDS:
-                self.applied.labels(field=name)
-            for trust in ("yes", "no"):
-                for action in ("sync", "skip"):
-                    self.nics.labels(trust=trust, action=action)
-            self.retries.inc(0)
-        self.events.labels(kind="rx_filter_changed")
-        # NIC -> its (trust, action) and when the last sync seen ended.
-        self._nics: dict[NicKey, tuple[str, str, float | None]] = {}
-        self._nic_counts: collections.Counter[tuple[str, ...]] = collections.Counter()
-        # NIC -> QEMU's timestamp of the earliest event no sync has answered yet.
-        self._pending: dict[tuple[str, str], float] = {}
-        # NICs whose current sync has had its latency observed.
-        self._observed: set[tuple[str, str]] = set()
-        # alias -> when its last query ended (for which events a sync answered).
-        self._query_ended: dict[str, float] = {}
-        self._server: Any = None
+
+    def _start_at_zero(self) -> None:
+        """Series at 0 from the start, so rate() sees the first one."""
+        for result in SYNC_RESULTS:
+            self.syncs.labels(result=result)
+        for name in FIELDS:
+            self.applied.labels(field=name)
+        for trust in ("yes", "no"):
+            for action in ("sync", "skip"):
+                self.nics.labels(trust=trust, action=action)
+        self.retries.inc(0)
 
     def _by(self, libvirt: str, domain: str) -> dict[str, str]:
         return {"libvirt": libvirt, "domain": domain} if self.domain_label else {}
