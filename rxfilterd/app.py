@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,8 @@ DAEMON_SHUTDOWN = 4.0
 PUBLISHER_SHUTDOWN = 1.5
 # A cheap netlink round trip must answer within this for the watchdog to be petted.
 PROBE_TIMEOUT = 2.0
+# Threads of the event loop's default executor, at most.
+DEFAULT_WORKERS = 4
 
 
 def run(config: Config, *, forced_dry_run: bool = False, tracer: Tracer | None = None) -> None:
@@ -61,6 +64,9 @@ async def serve(
     config: Config, *, forced_dry_run: bool = False, tracer: Tracer | None = None
 ) -> None:
     loop = asyncio.get_running_loop()
+    # Scans of /proc and waits for namespace threads: a few at a time (the default pool
+    # grows to cpu + 4 threads and keeps them).
+    loop.set_default_executor(ThreadPoolExecutor(DEFAULT_WORKERS, thread_name_prefix="rxfilterd"))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

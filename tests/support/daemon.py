@@ -102,7 +102,11 @@ class RunningDaemon:
         if self.log_format_is_json():
             # Connected, or (no host libvirt: pods only) serving its status socket.
             first = ("connected",) if self.serves_host() else ("connected", "status: listening")
-            self.wait_for(lambda r: r.get("event") in first, 30, "connected to libvirt")
+            try:
+                self.wait_for(lambda r: r.get("event") in first, 30, "connected to libvirt")
+            except BaseException:
+                self.stop()  # not entered: no __exit__ would stop it
+                raise
         return self
 
     def serves_host(self) -> bool:
