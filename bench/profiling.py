@@ -12,16 +12,29 @@ from typing import Any
 
 from bench.process import end_process
 
+# Innermost frames of a thread that waits (py-spy --native without --gil samples idle
+# threads too): such samples are left out of the summary.
+WAITING = (
+    "poll (",
+    "epoll_wait (",
+    "ppoll (",
+    "select (",
+    "PyThread_acquire_lock_timed (",
+    "pthread_cond_wait (",
+    "pthread_cond_timedwait (",
+)
+
 
 def profile_summary(raw: Path, top: int = 15) -> dict[str, Any]:
     """Where the samples of a py-spy raw (collapsed stacks) file went.
 
     ``self``: the innermost frame of each sample; ``inclusive``: every function on the
-    stack, counted once per sample. Functions are named "function (file)".
+    stack, counted once per sample. Functions are named "function (file)". Samples of
+    a thread waiting (see WAITING) are counted as ``waiting`` and left out.
     """
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
-    total = 0
+    total = waiting = 0
     if not raw.exists():
         return {"samples": 0, "self": [], "inclusive": []}
     for line in raw.read_text(errors="replace").splitlines():
@@ -33,6 +46,10 @@ def profile_summary(raw: Path, top: int = 15) -> dict[str, Any]:
         frames = [_frame_name(f) for f in stack.split(";") if f]
         if not frames:
             continue
+        if any(f.startswith(WAITING) for f in frames[-3:]):
+            waiting += count
+            total -= count
+            continue
         own[frames[-1]] += count
         for name in set(frames):
             inclusive[name] += count
@@ -40,7 +57,12 @@ def profile_summary(raw: Path, top: int = 15) -> dict[str, Any]:
     def rows(counter: Counter[str]) -> list[tuple[str, int, float]]:
         return [(n, c, round(100 * c / total, 1)) for n, c in counter.most_common(top)]
 
-    return {"samples": total, "self": rows(own), "inclusive": rows(inclusive)}
+    return {
+        "samples": total,
+        "waiting": waiting,
+        "self": rows(own),
+        "inclusive": rows(inclusive),
+    }
 
 
 def _frame_name(frame: str) -> str:
@@ -52,7 +74,7 @@ def _frame_name(frame: str) -> str:
 
 
 def print_profile(title: str, summary: dict[str, Any]) -> None:
-    print(f"\n{title}: {summary['samples']} samples of the thread holding the GIL")
+    print(f"\n{title}: {summary['samples']} samples ({summary.get('waiting', 0)} waiting left out)")
     for kind in ("self", "inclusive"):
         print(f"  top by {kind}:")
         for name, count, share in summary[kind]:
