@@ -10,6 +10,13 @@ Thread-safe; no I/O.
 from __future__ import annotations
 
 import threading
+import time
+
+# A held NIC still has an event handed over this often while its events keep coming:
+# the worker's follow-up waits until a NIC's kicks pause for 20 ms (Timings.
+# follow_up_settle), so it must go on seeing kicks while the guest is still changing,
+# or a guest command firing events for 100+ ms would cost a query every 20 ms.
+REFRESH = 0.01
 
 
 class EventHolds:
@@ -17,7 +24,8 @@ class EventHolds:
 
     Another filter event for such a NIC adds nothing: the query that the first one
     leads to starts after it and so answers it too. The event thread adds a hold when
-    it hands an event over and drops events for held NICs; a hold goes when a query of
+    it hands an event over and drops events for held NICs, but for one every REFRESH
+    seconds (the worker must see the guest is still busy). A hold goes when a query of
     that NIC starts, when its domain is read again (a survey: for a NIC we do not sync,
     that read is all an event can lead to), forgotten, or has a domain event, and all
     go when every domain is listed again. Dropping too few costs a hand-over; a hold
@@ -26,17 +34,20 @@ class EventHolds:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the event thread adds, the loop releases
-        self._held: dict[str, set[str]] = {}
+        # Domain UUID -> held aliases -> when the last event was handed over (monotonic).
+        self._held: dict[str, dict[str, float]] = {}
         self.dropped = 0  # filter events not handed over (written by the event thread)
 
-    def admit(self, uuid: str, alias: str) -> bool:
+    def admit(self, uuid: str, alias: str, now: float | None = None) -> bool:
         """Whether to hand this NIC's event over (and hold the NIC until released)."""
+        now = time.monotonic() if now is None else now
         with self._lock:
-            aliases = self._held.setdefault(uuid, set())
-            if alias in aliases:
+            aliases = self._held.setdefault(uuid, {})
+            handed = aliases.get(alias)
+            if handed is not None and now - handed < REFRESH:
                 self.dropped += 1
                 return False
-            aliases.add(alias)
+            aliases[alias] = now
             return True
 
     def release(self, uuid: str, alias: str | None = None) -> None:
@@ -45,7 +56,7 @@ class EventHolds:
             if alias is None:
                 self._held.pop(uuid, None)
             elif uuid in self._held:
-                self._held[uuid].discard(alias)
+                self._held[uuid].pop(alias, None)
 
     def clear(self) -> None:
         with self._lock:

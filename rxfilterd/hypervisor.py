@@ -10,8 +10,8 @@ another domain.
 A guest changing its filter non-stop sends hundreds of events a second (libvirt's own
 handler queries a trusted NIC on each, which re-arms QEMU's event at once), and each
 hand-over wakes the event loop. The event thread therefore hands over one filter event
-per NIC and drops the NIC's further ones until a query of ours for it starts: that
-query, sent after they arrived, answers them all (see rxfilterd.event_holds).
+per NIC and drops the NIC's further ones (but one every 10 ms) until a query of ours for
+it starts: that query, sent after they arrived, answers them all (rxfilterd.event_holds).
 """
 
 from __future__ import annotations
