@@ -20,24 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    BenchDaemon,
-    EventMonitor,
-    LinkMonitor,
-    attach_profiler,
-    check_prefix,
-    loadavg,
-    machine,
-    other_rxfilterd,
-    out_dir,
-    print_profile,
-    profile_summary,
-    py_spy,
-    require_stack,
-    stop_profiler,
-    write_json,
-)
-from tests.support.guest import EthernetNic, Guest, Resources, cleanup_leftovers, prefixed
+from bench.daemon import BenchDaemon
+from bench.figures import write_json
+from bench.machine import loadavg, other_rxfilterd
+from bench.monitors import EventMonitor, LinkMonitor
+from bench.profiling import attach_profiler, print_profile, profile_summary, stop_profiler
+from bench.session import BenchSession
+from tests.support.guest import EthernetNic, Guest, prefixed
 
 MAC0 = "52:54:00:fb:10:01"
 IFF_PROMISC = 0x100
@@ -139,23 +128,13 @@ def main() -> None:
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--out", help="directory for the JSON results, logs and profile")
     args = parser.parse_args()
-    if args.profile:
-        py_spy()  # before any guest starts: say now if it is missing
-    check_prefix()
-    require_stack()
-    out = out_dir("burst", args.out)
-    events = EventMonitor()
-    links = LinkMonitor()
-    cleanup_leftovers()
-    stack = Resources()
-    info = machine()
-    print(f"machine: {info}")
     results: list[dict[str, Any]] = []
-    raw = out / "burst-profile.txt"
-    try:
-        mvt = stack.veth_macvtap("bu", mac=MAC0)
+    with BenchSession("burst", args.out, events=True, links=True, profile=args.profile) as s:
+        out, info, events, links = s.out, s.info, s.events, s.links
+        raw = out / "burst-profile.txt"
+        mvt = s.stack.veth_macvtap("bu", mac=MAC0)
         links.watch(mvt.ifindex)
-        guest = stack.guest(prefixed("burst"), [EthernetNic(mvt.name, mac=MAC0, trust=True)])
+        guest = s.stack.guest(prefixed("burst"), [EthernetNic(mvt.name, mac=MAC0, trust=True)])
         batch = "\\n".join(
             f"link set eth0 promisc {'on' if i % 2 == 0 else 'off'}" for i in range(args.batch)
         )
@@ -191,13 +170,6 @@ def main() -> None:
                 if profiler is not None:
                     stop_profiler(profiler)
             config = daemon.config.read_text()
-    finally:
-        try:
-            stack.close()
-        finally:
-            cleanup_leftovers()
-            events.close()
-            links.close()
     summary = profile_summary(raw) if args.profile else None
     if summary is not None:
         print_profile("profile of rxfilterd during the bursts", summary)

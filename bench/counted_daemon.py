@@ -2,11 +2,14 @@
 
 It reaches the daemon only through `cli.main(tracer=...)` (rxfilterd.ports.Tracer):
 - SIGUSR1 logs a ``bench-stats`` line with the daemon's own Stats (queries, writes,
-  syncs, NICs synced), and so does the daemon's end;
+  syncs, NICs synced) and the filter events libvirt delivered and the loop dispatched,
+  and so does the daemon's end;
 - each NIC_RX_FILTER_CHANGED reaching libvirt's callback is stamped in memory with
   QEMU's timestamp and the alias, logged in one ``bench-stamps`` line at exit: the
   latency benchmark takes event times from it, so that no subscriber of its own sits
   ahead of rxfilterd in libvirtd's delivery;
+- with RXFB_STAMPS=0 in the environment, events are only counted, not stamped (a
+  hostile guest's hundreds of events a second would otherwise pile up in memory);
 - with RXFB_TRACE=1 in the environment, every query-rx-filter, host read and write
   (``bench-query``, ``bench-read``, ``bench-apply``, start and end times), the loop's
   dispatch of each event and the libvirt call in the pool thread are kept in memory
@@ -44,28 +47,41 @@ class BenchTracer:
     """Keeps stamps in memory and logs them at exit (a JSON line costs ~0.15 ms here,
     which on the sync path would be counted as rxfilterd's latency)."""
 
-    def __init__(self, trace: bool) -> None:
+    def __init__(self, trace: bool, stamps: bool = True) -> None:
         self.trace = trace
+        self.stamps = stamps
+        self._received_count = 0  # written by libvirt's event thread only
         # (what, time, detail): appended from several threads; list.append is atomic.
         self._stamps: list[tuple[str, float, str]] = []
+        # libvirt's callbacks, kept as they came and formatted at exit: per event this
+        # costs one append on the path measured (a hostile guest sends hundreds a second).
+        self._received: list[tuple[float, RxFilterChanged]] = []
+        self._dispatched = 0
         self._deferred: list[tuple[str, dict[str, Any]]] = []
 
     def started(self, stats: Stats) -> None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _report, stats)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._report, stats)
 
     def stopped(self, stats: Stats) -> None:
-        _report(stats)
+        self._report(stats)
         for event, fields in self._deferred:
             log.warning(event, **fields)
-        if self._stamps:
-            log.warning("bench-stamps", stamps=self._stamps)
+        stamps = [
+            ("callback", at, f"{e.timestamp:.6f} {e.alias}") for at, e in self._received
+        ] + self._stamps
+        if stamps:
+            log.warning("bench-stamps", stamps=stamps)
 
     def event_received(self, event: RxFilterChanged, at: float) -> None:
-        self._stamps.append(("callback", at, f"{event.timestamp:.6f} {event.alias}"))
+        self._received_count += 1
+        if self.stamps:
+            self._received.append((at, event))
 
     def dispatched(self, event: HypervisorEvent, at: float) -> None:
-        if self.trace and isinstance(event, RxFilterChanged):
-            self._stamps.append(("dispatch", at, event.alias))
+        if isinstance(event, RxFilterChanged):
+            self._dispatched += 1
+            if self.trace:
+                self._stamps.append(("dispatch", at, event.alias))
 
     def step(self, step: TraceStep, subject: str, started: float, ended: float) -> None:
         if not self.trace:
@@ -76,20 +92,25 @@ class BenchTracer:
         event, key = _STEP_EVENTS[step]
         self._deferred.append((event, {key: subject, "t0": started, "t1": ended}))
 
-
-def _report(stats: Stats) -> None:
-    log.warning(
-        "bench-stats",
-        t=time.time(),
-        queries=stats.queries,
-        writes=stats.writes,
-        syncs=stats.syncs,
-        nics_synced=stats.nics_synced,
-    )
+    def _report(self, stats: Stats) -> None:
+        log.warning(
+            "bench-stats",
+            t=time.time(),
+            queries=stats.queries,
+            writes=stats.writes,
+            syncs=stats.syncs,
+            nics_synced=stats.nics_synced,
+            events_received=self._received_count,
+            events_dispatched=self._dispatched,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, tracer=BenchTracer(trace=os.environ.get("RXFB_TRACE") == "1"))
+    tracer = BenchTracer(
+        trace=os.environ.get("RXFB_TRACE") == "1",
+        stamps=os.environ.get("RXFB_STAMPS", "1") == "1",
+    )
+    return cli.main(argv, tracer=tracer)
 
 
 if __name__ == "__main__":

@@ -32,24 +32,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    BenchDaemon,
-    EventMonitor,
-    RcuMode,
-    check_prefix,
-    machine,
-    other_rxfilterd,
-    out_dir,
-    require_stack,
-    summary_ms,
-    write_json,
-)
+from bench.daemon import BenchDaemon
+from bench.figures import summary_ms, write_json
+from bench.machine import other_rxfilterd
+from bench.monitors import EventMonitor
+from bench.session import BenchSession
 from tests.support.guest import (
     DirectNic,
     EthernetNic,
     Guest,
-    Resources,
-    cleanup_leftovers,
     link_show,
     prefixed,
 )
@@ -321,78 +312,66 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=0.2, help="seconds between changes")
     parser.add_argument("--out", help="directory for the JSON results and logs")
     args = parser.parse_args()
-    check_prefix()
-    require_stack()
-    out = out_dir("first-packet", args.out)
-    events = EventMonitor()  # first: it starts libvirt's event loop before any connection
-    rcu = RcuMode()
-    cleanup_namespaces()
-    cleanup_leftovers()
-    stack = Resources()
-    info = machine()
-    print(f"machine: {info}")
     samples: list[Sample] = []
     nics: list[Nic] = []
-    try:
-        with Peer(prefixed("peer")) as peer:
-            mvt = stack.veth_macvtap("fe", mac=MACS[0])
-            stack.veth(prefixed("fda"), prefixed("fdb"))
-            peer.take(prefixed("feb"), mac=PEER_MAC)
-            peer.take(prefixed("fdb"), mac=PEER_MAC)
-            guest = stack.guest(
-                prefixed("fp"),
-                [
-                    EthernetNic(mvt.name, mac=MACS[0], trust=True),
-                    DirectNic(prefixed("fda"), mac=MACS[1], trust=True),
-                ],
-            )
-            direct = guest.interfaces()[1].target_dev
-            assert direct is not None
-            # The guest loads 8021q, so it reports VLAN table [0], and libvirt makes the
-            # macvtap promiscuous for that: every group would pass the direct NIC at once.
-            # Without 8021q the table is empty and libvirt's multicast path is measured.
-            guest.run("rmmod 8021q")
-            promisc = not wait_for(lambda: "PROMISC" not in link_flags(direct), 10)
-            info["direct_nic_promiscuous"] = promisc
-            if promisc:
-                print(f"warning: {direct} stays promiscuous: ipv6/libvirt samples will leak")
-            for path, dev, alias, ifname, far in (
-                ("rxfilterd", "eth0", "net0", mvt.name, "feb"),
-                ("libvirt", "eth1", "net1", direct, "fdb"),
-            ):
-                nics.append(
-                    Nic(path, dev, alias, ifname, Capture(ifname),
-                        Sender(peer, prefixed(far), args.interval))
-                )  # fmt: skip
-            rcu.set(args.rcu)
-            for block in range(args.blocks):
-                for scenario in SCENARIOS:
-                    # Our subscription would be served before rxfilterd's (libvirtd sends
-                    # events in registration order): re-registered once it is up.
-                    events.pause()
-                    daemon = BenchDaemon(out / f"daemon-b{block}-{scenario}")
-                    with daemon:
-                        daemon.wait_ready()
-                        events.resume()
-                        samples += measure(
-                            guest, nics[0], scenario, block, args.changes, events,
-                            [daemon.pid], args.settle,
-                        )  # fmt: skip
-                    samples += measure(
-                        guest, nics[1], scenario, block, args.changes, events, [], args.settle
-                    )
-                    print(f"block {block} {scenario}: done")
-    finally:
-        rcu.restore()
-        for nic in nics:
-            nic.sender.close()
-            nic.capture.close()
+    session = BenchSession(
+        "first-packet", args.out, events=True, rcu=True, cleanups=[cleanup_namespaces]
+    )
+    with session as s:
+        out, info, events, rcu = s.out, s.info, s.events, s.rcu
         try:
-            stack.close()
+            with Peer(prefixed("peer")) as peer:
+                mvt = s.stack.veth_macvtap("fe", mac=MACS[0])
+                s.stack.veth(prefixed("fda"), prefixed("fdb"))
+                peer.take(prefixed("feb"), mac=PEER_MAC)
+                peer.take(prefixed("fdb"), mac=PEER_MAC)
+                guest = s.stack.guest(
+                    prefixed("fp"),
+                    [
+                        EthernetNic(mvt.name, mac=MACS[0], trust=True),
+                        DirectNic(prefixed("fda"), mac=MACS[1], trust=True),
+                    ],
+                )
+                direct = guest.interfaces()[1].target_dev
+                assert direct is not None
+                # The guest loads 8021q, so it reports VLAN table [0], and libvirt makes the
+                # macvtap promiscuous for that: every group would pass the direct NIC at once.
+                # Without 8021q the table is empty and libvirt's multicast path is measured.
+                guest.run("rmmod 8021q")
+                promisc = not wait_for(lambda: "PROMISC" not in link_flags(direct), 10)
+                info["direct_nic_promiscuous"] = promisc
+                if promisc:
+                    print(f"warning: {direct} stays promiscuous: ipv6/libvirt samples will leak")
+                for path, dev, alias, ifname, far in (
+                    ("rxfilterd", "eth0", "net0", mvt.name, "feb"),
+                    ("libvirt", "eth1", "net1", direct, "fdb"),
+                ):
+                    nics.append(
+                        Nic(path, dev, alias, ifname, Capture(ifname),
+                            Sender(peer, prefixed(far), args.interval))
+                    )  # fmt: skip
+                rcu.set(args.rcu)
+                for block in range(args.blocks):
+                    for scenario in SCENARIOS:
+                        # Our subscription would be served before rxfilterd's (libvirtd sends
+                        # events in registration order): re-registered once it is up.
+                        events.pause()
+                        daemon = BenchDaemon(out / f"daemon-b{block}-{scenario}")
+                        with daemon:
+                            daemon.wait_ready()
+                            events.resume()
+                            samples += measure(
+                                guest, nics[0], scenario, block, args.changes, events,
+                                [daemon.pid], args.settle,
+                            )  # fmt: skip
+                        samples += measure(
+                            guest, nics[1], scenario, block, args.changes, events, [], args.settle
+                        )
+                        print(f"block {block} {scenario}: done")
         finally:
-            cleanup_leftovers()
-            cleanup_namespaces()
-            events.close()
+            for nic in nics:
+                nic.sender.close()
+                nic.capture.close()
     result = report(samples)
     print_report(result)
     write_json(

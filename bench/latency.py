@@ -30,30 +30,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    REPO,
-    BenchDaemon,
-    EventMonitor,
-    LinkMonitor,
-    LinkSample,
-    RcuMode,
-    check_prefix,
-    end_process,
-    loadavg,
-    machine,
-    other_rxfilterd,
-    out_dir,
-    require_stack,
-    summary_ms,
-    write_json,
-)
+from bench.daemon import BenchDaemon
+from bench.figures import summary_ms, write_json
+from bench.machine import REPO, loadavg, other_rxfilterd
+from bench.monitors import EventMonitor, LinkMonitor, LinkSample
+from bench.process import end_process
+from bench.session import BenchSession
 from tests.support.guest import (
     LIBVIRT_URI,
     DirectNic,
     EthernetNic,
     Guest,
-    Resources,
-    cleanup_leftovers,
     link_show,
     prefixed,
 )
@@ -454,24 +441,15 @@ def main() -> None:
     )
     parser.add_argument("--out", help="directory for the JSON results and logs")
     args = parser.parse_args()
-    check_prefix()
-    require_stack()
     modes = [int(m) for m in args.modes.split(",")]
-    out = out_dir("latency", args.out)
-    events = EventMonitor()  # first: it starts libvirt's event loop before any connection
-    links = LinkMonitor()
-    rcu = RcuMode()
-    cleanup_leftovers()
-    stack = Resources()
     samples: list[Sample] = []
     rtts: dict[int, list[float]] = {}
     phases: list[dict[str, Any]] = []
-    info = machine()
-    print(f"machine: {info}")
-    try:
-        mvt = stack.veth_macvtap("le", mac=MAC_ETHERNET)
-        stack.veth(prefixed("lda"), prefixed("ldb"))
-        guest = stack.guest(
+    with BenchSession("latency", args.out, events=True, links=True, rcu=True) as s:
+        out, info, events, links, rcu = s.out, s.info, s.events, s.links, s.rcu
+        mvt = s.stack.veth_macvtap("le", mac=MAC_ETHERNET)
+        s.stack.veth(prefixed("lda"), prefixed("ldb"))
+        guest = s.stack.guest(
             prefixed("lat"),
             [
                 EthernetNic(mvt.name, mac=MAC_ETHERNET, trust=True),
@@ -539,14 +517,6 @@ def main() -> None:
                      "loadavg_after": loadavg()}
                 )  # fmt: skip
                 print(f"rcu_expedited={mode} block {block}: {n}+{n} changes, load {loadavg()}")
-    finally:
-        rcu.restore()
-        try:
-            stack.close()
-        finally:
-            cleanup_leftovers()
-            events.close()
-            links.close()
     result = report(samples, modes, rtts)
     for mode in modes:
         loads = [p for p in phases if p["rcu"] == mode]

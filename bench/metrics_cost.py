@@ -23,22 +23,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    BenchDaemon,
-    EventMonitor,
-    LinkMonitor,
-    LinkSample,
-    check_prefix,
-    loadavg,
-    machine,
-    other_rxfilterd,
-    out_dir,
-    proc_cpu_seconds,
-    require_stack,
-    summary_ms,
-    write_json,
-)
-from tests.support.guest import EthernetNic, Guest, Resources, cleanup_leftovers, prefixed
+from bench.daemon import BenchDaemon
+from bench.figures import summary_ms, write_json
+from bench.machine import loadavg, other_rxfilterd
+from bench.monitors import EventMonitor, LinkMonitor, LinkSample
+from bench.process import proc_cpu_seconds
+from bench.session import BenchSession
+from tests.support.guest import EthernetNic, Guest, prefixed
 
 MAC0 = "52:54:00:fc:00:01"
 IFF_PROMISC = 0x100
@@ -151,21 +142,13 @@ def main() -> None:
     parser.add_argument("--scrape-every", type=float, default=0.1, help="seconds between GETs")
     parser.add_argument("--out", help="directory for the JSON results and logs")
     args = parser.parse_args()
-    check_prefix()
-    require_stack()
-    out = out_dir("metrics_cost", args.out)
-    events = EventMonitor()
-    links = LinkMonitor()
-    cleanup_leftovers()
-    stack = Resources()
-    info = machine()
-    print(f"machine: {info}")
     blocks: list[dict[str, Any]] = []
     serial = iter(range(1, 1 << 16))
-    try:
-        mvt = stack.veth_macvtap("mc", mac=MAC0)
+    with BenchSession("metrics_cost", args.out, events=True, links=True) as s:
+        out, info, events, links = s.out, s.info, s.events, s.links
+        mvt = s.stack.veth_macvtap("mc", mac=MAC0)
         links.watch(mvt.ifindex)
-        guest = stack.guest(prefixed("mcost"), [EthernetNic(mvt.name, mac=MAC0, trust=True)])
+        guest = s.stack.guest(prefixed("mcost"), [EthernetNic(mvt.name, mac=MAC0, trust=True)])
         for block in range(args.blocks):
             for mode in ("off", "on"):
                 port = free_port()
@@ -217,13 +200,6 @@ def main() -> None:
                     )
                     + f" | others {len(others)} | load {result['load']}"
                 )
-    finally:
-        try:
-            stack.close()
-        finally:
-            cleanup_leftovers()
-            events.close()
-            links.close()
     totals: dict[str, dict[str, Any]] = {}
     for mode in ("off", "on"):
         mine = [b for b in blocks if b["metrics"] == mode]

@@ -20,29 +20,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    BenchDaemon,
-    check_prefix,
-    loadavg,
-    machine,
-    other_rxfilterd,
-    out_dir,
-    print_profile,
-    proc_cpu_seconds,
-    proc_status,
-    profile_summary,
-    py_spy,
-    require_stack,
-    write_json,
-)
-from tests.support.guest import (
-    EthernetNic,
-    Guest,
-    Resources,
-    cleanup_leftovers,
-    prefix,
-    prefixed,
-)
+from bench.daemon import BenchDaemon
+from bench.figures import write_json
+from bench.machine import loadavg, other_rxfilterd
+from bench.process import proc_cpu_seconds, proc_status
+from bench.profiling import print_profile, profile_summary
+from bench.session import BenchSession
+from tests.support.guest import EthernetNic, Guest, prefix, prefixed
 
 SYNC_EVENTS = {"synced", "in sync", "applied", "failed", "rejected"}
 
@@ -136,6 +120,12 @@ def run_profiled(workdir: Path) -> dict[str, Any]:
     }
 
 
+def qemu_rss_mib(domain: str) -> float:
+    return round(
+        proc_status(int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text()))["VmRSS"] / 1024, 1
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--guests", type=int, default=8)
@@ -146,54 +136,41 @@ def main() -> None:
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--out", help="directory for the JSON results, logs and profile")
     args = parser.parse_args()
-    if args.profile:
-        py_spy()  # before any guest starts: say now if it is missing
-    check_prefix()
-    require_stack()
-    out = out_dir("scale", args.out)
-    cleanup_leftovers()
-    stack = Resources()
     guests: list[Guest] = []
-    info = machine()
-    print(f"machine: {info}")
     started = time.monotonic()
     result: dict[str, Any] = {}
-    try:
-        for g in range(args.guests):
-            stack.veth(prefixed(f"s{g}a"), prefixed(f"s{g}b"))
-            nics = []
-            for n in range(args.nics):
-                mvt = stack.macvtap(prefixed(f"s{g}m{n}"), prefixed(f"s{g}a"), mac=mac(g, n))
-                nics.append(EthernetNic(mvt.name, mac=mac(g, n), trust=True))
-            guests.append(Guest(prefixed(f"sc{g}"), nics, memory_mib=args.memory))
-        links_done = time.monotonic()
-        print(f"{args.guests * args.nics} macvtaps in {links_done - started:.1f} s")
-        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            booted = list(pool.map(lambda guest: guest.start(timeout=300), guests))
-        boots = [round(g.boot_seconds or 0, 1) for g in booted]
-        print(f"{len(booted)} guests up in {time.monotonic() - links_done:.1f} s (each: {boots})")
-        time.sleep(3)  # let the guests' own NIC set-up events pass
-        mine = args.guests * args.nics
-        result["info_run"] = run_info(out / "run-info", args.idle, mine)
-        print(f"A (info):  {result['info_run']}")
-        result["debug_run"] = run_debug(out / "run-debug", mine)
-        print(f"B (debug): {result['debug_run']}")
-        if args.profile:
-            result["profiled_run"] = run_profiled(out / "run-profile")
-            print_profile("profile of rxfilterd's start-up", result["profiled_run"]["profile"])
-        result["guest_boot_seconds"] = boots
-        result["qemu_rss_mib"] = [
-            round(proc_status(int(Path(f"/run/libvirt/qemu/{g.name}.pid").read_text()))["VmRSS"]
-                  / 1024, 1)
-            for g in guests
-        ]  # fmt: skip
-    finally:
-        for guest in guests:
-            guest.remove()
+    with BenchSession("scale", args.out, profile=args.profile) as session:
+        out, info = session.out, session.info
         try:
-            stack.close()
+            for g in range(args.guests):
+                session.stack.veth(prefixed(f"s{g}a"), prefixed(f"s{g}b"))
+                nics = []
+                for n in range(args.nics):
+                    mvt = session.stack.macvtap(
+                        prefixed(f"s{g}m{n}"), prefixed(f"s{g}a"), mac=mac(g, n)
+                    )
+                    nics.append(EthernetNic(mvt.name, mac=mac(g, n), trust=True))
+                guests.append(Guest(prefixed(f"sc{g}"), nics, memory_mib=args.memory))
+            links_done = time.monotonic()
+            print(f"{args.guests * args.nics} macvtaps in {links_done - started:.1f} s")
+            with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+                booted = list(pool.map(lambda guest: guest.start(timeout=300), guests))
+            boots = [round(g.boot_seconds or 0, 1) for g in booted]
+            print(f"{len(booted)} guests up in {time.monotonic() - links_done:.1f} s ({boots})")
+            time.sleep(3)  # let the guests' own NIC set-up events pass
+            mine = args.guests * args.nics
+            result["info_run"] = run_info(out / "run-info", args.idle, mine)
+            print(f"A (info):  {result['info_run']}")
+            result["debug_run"] = run_debug(out / "run-debug", mine)
+            print(f"B (debug): {result['debug_run']}")
+            if args.profile:
+                result["profiled_run"] = run_profiled(out / "run-profile")
+                print_profile("profile of rxfilterd's start-up", result["profiled_run"]["profile"])
+            result["guest_boot_seconds"] = boots
+            result["qemu_rss_mib"] = [qemu_rss_mib(g.name) for g in guests]
         finally:
-            cleanup_leftovers()
+            for guest in guests:
+                guest.remove()
     result["total_seconds"] = round(time.monotonic() - started, 1)
     print(f"total {result['total_seconds']} s")
     write_json(out / "scale.json", {"machine": info, "args": vars(args), "result": result})

@@ -6,6 +6,12 @@ a thread of its own, callbacks hand events to asyncio with `call_soon_threadsafe
 every call runs in a worker thread. Calls that touch one domain's monitor are
 serialised per domain, so a stuck domain ties up one worker, never the event loop or
 another domain.
+
+A guest changing its filter non-stop sends hundreds of events a second (libvirt's own
+handler queries a trusted NIC on each, which re-arms QEMU's event at once), and each
+hand-over wakes the event loop. The event thread therefore hands over one filter event
+per NIC and drops the NIC's further ones (but one every 10 ms) until a query of ours for
+it starts: that query, sent after they arrived, answers them all (rxfilterd.event_holds).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, TypeVar
 import libvirt
 import libvirt_qemu
 
+from rxfilterd.event_holds import EventHolds
 from rxfilterd.events import (
     ConnectionLost,
     DomainChange,
@@ -139,6 +146,9 @@ class _Subscriptions:
     def __init__(self, on_event: EventHandler, tracer: Tracer | None) -> None:
         self._on_event = on_event
         self._tracer = tracer
+        self.holds = EventHolds()
+        # Each NIC's event data is the same string every time: parsed once per NIC.
+        self._aliases: dict[str, str] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lost = False
         self._qemu_callback: int | None = None
@@ -171,34 +181,60 @@ class _Subscriptions:
     def _qemu_event(
         self, _conn: Any, dom: Any, _event: str, seconds: int, micros: int, details: Any, _o: Any
     ) -> None:
-        # libvirt-python hands the event's data over as a JSON string.
+        alias = self._aliases.get(details) if isinstance(details, str) else None
+        if alias is None:
+            alias = self._alias(details)
+            if alias is None:
+                return
+        uuid = dom.UUIDString()
+        tracer = self._tracer
+        if not self.holds.admit(uuid, alias):
+            if tracer is not None:
+                event = RxFilterChanged(uuid, dom.name(), alias, seconds + micros / 1e6)
+                tracer.event_received(event, time.time())
+            return
+        at = time.time() if tracer is not None else 0.0
+        event = RxFilterChanged(uuid, dom.name(), alias, seconds + micros / 1e6)
+        self._emit(event)
+        if tracer is not None:  # after the hand-over, which it must not delay
+            tracer.event_received(event, at)
+
+    def _alias(self, details: Any) -> str | None:
+        """The NIC's alias from the event's data (libvirt-python gives it as JSON text)."""
+        data = details
         if isinstance(details, str):
             try:
-                details = json.loads(details)
+                data = json.loads(details)
             except ValueError:
-                return
-        alias = details.get("name") if isinstance(details, dict) else None
-        if isinstance(alias, str):
-            at = time.time() if self._tracer is not None else 0.0
-            event = RxFilterChanged(dom.UUIDString(), dom.name(), alias, seconds + micros / 1e6)
-            self._emit(event)
-            if self._tracer is not None:  # after the hand-over, which it must not delay
-                self._tracer.event_received(event, at)
+                return None
+        alias = data.get("name") if isinstance(data, dict) else None
+        if not isinstance(alias, str):
+            return None
+        if isinstance(details, str):
+            if len(self._aliases) >= 4096:  # NICs come and go: bounded
+                self._aliases.clear()
+            self._aliases[details] = alias
+        return alias
+
+    def _domain_event(self, dom: Any, change: DomainChange, detail: str = "") -> None:
+        uuid = dom.UUIDString()
+        # Before the hand-over: a filter event behind this one is handed over too.
+        self.holds.release(uuid)
+        self._emit(DomainChanged(uuid, dom.name(), change, detail))
 
     def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
         change = _LIFECYCLE.get(event)
         if change is not None:
-            word = _DETAILS.get(event, {}).get(detail, str(detail))
-            self._emit(DomainChanged(dom.UUIDString(), dom.name(), change, word))
+            self._domain_event(dom, change, _DETAILS.get(event, {}).get(detail, str(detail)))
 
     def _reboot(self, _conn: Any, dom: Any, _o: Any) -> None:
-        self._emit(DomainChanged(dom.UUIDString(), dom.name(), "reboot"))
+        self._domain_event(dom, "reboot")
 
     def _device_added(self, _conn: Any, dom: Any, _dev: str, _o: Any) -> None:
-        self._emit(DomainChanged(dom.UUIDString(), dom.name(), "device-added"))
+        self._domain_event(dom, "device-added")
 
     def _device_removed(self, _conn: Any, dom: Any, _dev: str, _o: Any) -> None:
-        self._emit(DomainChanged(dom.UUIDString(), dom.name(), "device-removed"))
+        self._domain_event(dom, "device-removed")
 
     def _closed(self, _conn: Any, reason: int, _o: Any) -> None:
         self.lost = True
@@ -305,6 +341,7 @@ class Hypervisor:
 
     # Look-ups
     async def running_domains(self) -> list[RunningDomain]:
+        self._events.holds.clear()  # every domain is surveyed again
         return await self._call(self._running_domains)
 
     def _running_domains(self) -> list[RunningDomain]:
@@ -319,6 +356,7 @@ class Hypervisor:
 
     async def domain(self, uuid: str) -> RunningDomain | None:
         """The running domain's live XML, or None if it is not running."""
+        self._events.holds.release(uuid)  # a survey: see EventHolds
         try:
             return await self._call(self._domain, uuid)
         except HypervisorError as exc:
@@ -378,6 +416,8 @@ class Hypervisor:
         command = json.dumps({"execute": "query-rx-filter", "arguments": {"name": alias}})
         try:
             async with lock:
+                # Events from here on are handed over: this query may not answer them.
+                self._events.holds.release(uuid, alias)
                 if not self._queries:  # a connection without subscriptions (explain)
                     return await self._call(
                         self._monitor_command, self._conn, self._domains, uuid, alias, command
@@ -409,6 +449,7 @@ class Hypervisor:
                 self._tracer.step("call", alias, started, time.time())
 
     def forget(self, uuid: str) -> None:
+        self._events.holds.release(uuid)
         self._domains.pop(uuid, None)
         self._domain_locks.pop(uuid, None)
         for query in self._queries:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import other_rxfilterd
+from bench.machine import other_rxfilterd
 from tests.support import guest as stack
 from tests.support.peer import Peer, cleanup_namespaces, quiet_host_ipv6
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 
 from rxfilterd.nic import Nic, classify, parse_domain_nics
+from rxfilterd.nic_sync import PARSED_DOMAINS, NicSyncer
+from rxfilterd.sinks import Sinks
+from rxfilterd.stats import Stats
+from rxfilterd.testing import FakeHostNetwork
 from rxfilterd.trust import Trust
 
 LIVE_XML = """
@@ -91,3 +95,20 @@ def test_classify(
         reason,
         libvirt_syncs,
     )
+
+
+def test_a_syncer_parses_a_domains_xml_again_only_when_it_changed() -> None:
+    syncer = NicSyncer(FakeHostNetwork(), Stats(), Sinks().decide)
+    uuid = "6f1b2c55-0000-4000-8000-000000000001"
+    first = syncer.nics_of("host", uuid, LIVE_XML)
+    assert first == parse_domain_nics(LIVE_XML, "host")
+    assert syncer.nics_of("host", uuid, str(LIVE_XML)) is first  # equal text: kept
+    # The same domain UUID on another libvirt (a pod's) is another domain.
+    assert syncer.nics_of("pod-a", uuid, LIVE_XML)[0].libvirt == "pod-a"
+    changed = LIVE_XML.replace("macvtap3", "macvtap9")
+    again = syncer.nics_of("host", uuid, changed)
+    assert again is not first and again[0].ifname == "macvtap9"
+    # Bounded: the least recently used domains go.
+    for n in range(PARSED_DOMAINS):
+        syncer.nics_of("host", f"other-{n}", LIVE_XML)
+    assert syncer.nics_of("host", uuid, changed) is not again
