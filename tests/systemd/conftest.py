@@ -47,12 +47,24 @@ SUITE = "bookworm"  # systemd 252, as on the Debian 12 hypervisors the package i
 
 
 def shipped_config(**settings: str | float) -> str:
-    """etc/rxfilterd.toml with SETTINGS changed (each key's first line, commented or not)."""
+    """etc/rxfilterd.toml with SETTINGS changed: a key's first line, commented or not,
+    in the whole file, or as ``SECTION.KEY`` in that section (``enabled`` is in several)."""
     text = (REPO / "etc/rxfilterd.toml").read_text()
     for key, value in settings.items():
+        section, _, name = key.rpartition(".")
+        start, end = 0, len(text)
+        if section:
+            header = re.search(rf"(?m)^\[{re.escape(section)}\]$", text)
+            assert header, key
+            start = header.end()
+            following = re.search(r"(?m)^\[", text[start:])
+            end = start + following.start() if following else end
         literal = f'"{value}"' if isinstance(value, str) and value not in TOML_BOOLS else value
-        text, found = re.subn(rf"(?m)^(# )?{key} = .*$", f"{key} = {literal}", text, count=1)
+        part, found = re.subn(
+            rf"(?m)^(# )?{re.escape(name)} = .*$", f"{name} = {literal}", text[start:end], count=1
+        )
         assert found, key
+        text = text[:start] + part + text[end:]
     return text
 
 

@@ -306,7 +306,7 @@ def _mqtt_connects(box: SystemdContainer, _lab: Lab, cursor: str) -> None:
 
 
 NO_FAMILY = "Address family not supported"
-MQTT: dict[str, str | float] = {"enabled": "true", "host": "127.0.0.1"}
+MQTT: dict[str, str | float] = {"mqtt.enabled": "true", "mqtt.host": "127.0.0.1"}
 # Too short for a start that never completes (denied clone: no threads) to cost 2 minutes.
 SHORT_START = "TimeoutStartSec=10s\nRestart=no\n"
 SYSCALL_GROUPS = ["@default", "@basic-io", "@file-system", "@io-event", "@network-io"]
