@@ -48,6 +48,10 @@ class PodSource(Protocol):
 
     def alive(self, endpoint: Endpoint) -> bool: ...
 
+    def missing(self) -> list[str]:
+        """What this process lacks to reach every pod (capability names)."""
+        ...
+
 
 # Opens the macvtaps of the network namespace at a path (a pod's /proc/PID/ns/net).
 NetworkOpener = Callable[[str], AbstractAsyncContextManager[HostNetworkPort]]
@@ -173,6 +177,10 @@ class Daemon:
         """Serve each pod's libvirt while it runs: a scan every [pods] scan_interval."""
         assert self._pod_source is not None
         source = self._pod_source
+        missing = source.missing()
+        if missing:
+            # Said once: without these some pods stay unseen or unreachable, silently.
+            log.warning("pods: capabilities missing", missing=missing)
         while not stop.is_set():
             started = time.monotonic()
             try:

@@ -35,7 +35,12 @@ class PodScanner:
     def __init__(self, settings: PodSettings, proc: Path = Path("/proc")) -> None:
         self.settings = settings
         self.proc = proc
-        self._own_mount_ns = _readlink(proc / "self" / "ns" / "mnt")
+        # Ours, and the host's (PID 1's): a libvirtd there is the host's, [libvirt] uri,
+        # also when a unit's PrivateMounts= gives us a mount namespace of our own.
+        self._not_pods = {
+            _readlink(proc / "self" / "ns" / "mnt"),
+            _readlink(proc / "1" / "ns" / "mnt"),
+        }
 
     def scan(self) -> list[Endpoint]:
         """One endpoint per pod libvirt (per mount namespace and socket), sorted by name.
@@ -64,8 +69,8 @@ class PodScanner:
                 if (base / "comm").read_text().strip() not in self.settings.daemons:
                     continue
                 mount_ns = _readlink(base / "ns" / "mnt")
-                if not mount_ns or mount_ns == self._own_mount_ns:
-                    continue  # ours: the host's libvirt is [libvirt] uri
+                if not mount_ns or mount_ns in self._not_pods:
+                    continue
                 out.append(
                     _Process(entry, _uid(base / "status"), _started(base / "stat"), mount_ns)
                 )
@@ -116,6 +121,9 @@ class PodScanner:
     def wanted(self, endpoint: Endpoint) -> bool:
         """Whether [pods] match lets this pod be served."""
         return fnmatch.fnmatchcase(endpoint.name.removeprefix("pod/"), self.settings.match)
+
+    def missing(self) -> list[str]:
+        return missing_capabilities(self.proc / "self" / "status")
 
     def alive(self, endpoint: Endpoint) -> bool:
         """Whether ENDPOINT's daemon is still the process it was (its pid not reused)."""
@@ -176,3 +184,22 @@ def distinct(endpoints: list[Endpoint]) -> list[Endpoint]:
         )
         seen.add(endpoint.name)
     return out
+
+
+# What reaching a pod's libvirt takes (docs/kubernetes.md, docs/service.md): capability
+# bits as /proc/PID/status CapEff numbers them.
+NEEDED_CAPABILITIES = {
+    "CAP_DAC_OVERRIDE": 1,  # a non-root (session) daemon's 0700 socket
+    "CAP_SYS_PTRACE": 19,  # /proc/PID/root and /proc/PID/ns of other users' processes
+    "CAP_SYS_ADMIN": 21,  # setns() into the pod's network namespace
+    "CAP_NET_ADMIN": 12,  # writing its macvtaps
+}
+
+
+def missing_capabilities(status: Path = Path("/proc/self/status")) -> list[str]:
+    """The capabilities pods mode needs that this process lacks (effective set)."""
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            effective = int(line.split()[1], 16)
+            return [name for name, bit in NEEDED_CAPABILITIES.items() if not effective >> bit & 1]
+    return []

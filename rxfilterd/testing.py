@@ -247,6 +247,9 @@ class FakeNode:
     def alive(self, endpoint: Endpoint) -> bool:
         return endpoint.name.removeprefix("pod/") not in self.replaced
 
+    def missing(self) -> list[str]:
+        return []
+
 
 @dataclass
 class RecordingTracer:
