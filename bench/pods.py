@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -34,7 +35,7 @@ from tests.support.guest import Guest, create_veth, delete_link, prefix, prefixe
 from tests.support.pods import KubevirtNic, SimulatedPod, cleanup_pods
 
 SYNCED = {"synced", "in sync", "applied"}
-NAMESPACE = "bench"
+NAMESPACE = prefixed("ns")
 
 
 def mac(pod: int, nic: int) -> str:
@@ -95,7 +96,11 @@ def run_startup(workdir: Path, expected: int) -> dict[str, Any]:
 
 
 def status(daemon: BenchDaemon) -> dict[str, Any]:
-    answer: dict[str, Any] = cli_json(daemon.config, "status")
+    """The daemon's status answer ({} while its socket is not up yet)."""
+    try:
+        answer: dict[str, Any] = cli_json(daemon.config, "status")
+    except subprocess.CalledProcessError:
+        return {}
     return answer
 
 
@@ -104,7 +109,7 @@ def run_idle(workdir: Path, expected: int, idle: float, lower: str, memory: int)
     with BenchDaemon(workdir, sections=pods_config()) as daemon:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            nics = status(daemon)["nics"]
+            nics = status(daemon).get("nics", [])
             if sum(n.get("last_sync") is not None for n in nics) >= expected:
                 break
             time.sleep(0.5)
@@ -114,7 +119,7 @@ def run_idle(workdir: Path, expected: int, idle: float, lower: str, memory: int)
         cpu1, t1 = proc_cpu_seconds(daemon.pid), time.monotonic()
         proc = proc_status(daemon.pid)
         fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
-        connections = len(status(daemon)["connections"])
+        connections = len(status(daemon).get("connections", []))
         # One more pod under the running daemon: from the pod's libvirt up to its NIC synced.
         with ExitStack() as stack:
             started = time.time()
