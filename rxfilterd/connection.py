@@ -39,6 +39,9 @@ class Endpoint:
     pid: int | None = None
     started: int | None = None
     identity: str = ""
+    # Connections of its own for guest queries (one per busy domain at a time, 5 calls
+    # each in libvirtd): 3 for a host's many domains, 1 for a pod's one VM.
+    queries: int = 3
 
     def renamed(self, name: str) -> Endpoint:
         return dataclasses.replace(self, name=name)
@@ -82,6 +85,7 @@ class Connection:
             stats=stats,
             on_status=on_status,
             tracer=tracer,
+            queries=endpoint.queries,
         )
 
     @property

@@ -272,6 +272,7 @@ class Hypervisor:
         tracer: Tracer | None = None,
         subscribe: bool = True,
         workers: int = 16,
+        queries: int = QUERY_CONNECTIONS,
     ) -> None:
         self._uri = uri
         self._tracer = tracer
@@ -282,6 +283,7 @@ class Hypervisor:
         self._domain_locks: dict[str, asyncio.Lock] = {}
         self._domains: DomainHandles = {}
         self._queries: list[_QueryConnection] = []
+        self._query_count = queries
         # libvirt's version, packed (major * 1e6 + minor * 1e3 + micro); 0 until connected.
         self.version = 0
 
@@ -316,7 +318,7 @@ class Hypervisor:
             raise HypervisorError(problem)
         if self._subscribe:
             await self._call(self._events.register, conn)
-            for _ in range(QUERY_CONNECTIONS):
+            for _ in range(self._query_count):
                 extra = await self._call(libvirt.open, self._uri)
                 self._queries.append(_QueryConnection(extra))
 

@@ -100,6 +100,8 @@ class PodScanner:
             pid=process.pid,
             started=process.started,
             identity=identity,
+            # A virt-launcher pod runs one VM: one query connection serves it.
+            queries=1,
         )
 
     def _pod_name(self, pid: int) -> str:

@@ -57,10 +57,13 @@ class HypervisorPort(TrustLookups, Protocol):
 
 
 class HypervisorFactory(Protocol):
-    """Protocol: a new, not yet connected, connection to URI handing its events to ON_EVENT."""
+    """Protocol: a new, not yet connected, connection to URI handing its events to ON_EVENT.
+
+    QUERIES: how many connections of its own the guest queries go over.
+    """
 
     def __call__(
-        self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None
+        self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None, queries: int = 3
     ) -> HypervisorPort: ...
 
 

@@ -90,8 +90,10 @@ class ConnectionSupervisor:
         stats: Stats,
         on_status: Callable[[], None],
         tracer: Tracer | None = None,
+        queries: int = 3,
     ) -> None:
         self.uri = uri
+        self._queries = queries
         self.reconnect_max = reconnect_max
         self._session = session
         self._connect = connect
@@ -106,7 +108,9 @@ class ConnectionSupervisor:
         cause = "start"
         while not stop.is_set():
             events = EventStream()
-            hypervisor = self._connect(self.uri, events.put, tracer=self._tracer)
+            hypervisor = self._connect(
+                self.uri, events.put, tracer=self._tracer, queries=self._queries
+            )
             try:
                 await hypervisor.connect()
             except HypervisorError as exc:

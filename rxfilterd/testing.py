@@ -63,13 +63,16 @@ class FakeLibvirt:
         self.listing: asyncio.Event | None = None
         self.script: list[str] = []
         self.connections: list[FakeConnection] = []
+        # The QUERIES argument of each connect.
+        self.queries_asked: list[int] = []
         # UUIDs looked up one by one (domain()), and forgotten, in order.
         self.looked_up: list[str] = []
         self.forgotten: list[str] = []
 
     def connect(
-        self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None
+        self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None, queries: int = 3
     ) -> FakeConnection:
+        self.queries_asked.append(queries)
         connection = FakeConnection(self, uri, on_event)
         self.connections.append(connection)
         return connection
@@ -212,6 +215,7 @@ class FakeNode:
             pid=pid,
             started=pid,
             identity=f"mnt:[{pid}] /run/libvirt/libvirt-sock",
+            queries=1,  # as PodScanner gives a pod
         )
         self.pods[key or name] = endpoint
         self.libvirts[endpoint.uri] = libvirt
@@ -223,9 +227,9 @@ class FakeNode:
         del self.pods[key]
 
     def connect(
-        self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None
+        self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None, queries: int = 3
     ) -> FakeConnection:
-        return self.libvirts[uri].connect(uri, on_event, tracer=tracer)
+        return self.libvirts[uri].connect(uri, on_event, tracer=tracer, queries=queries)
 
     @contextlib.asynccontextmanager
     async def open_network(self, netns: str) -> AsyncIterator[FakeHostNetwork]:

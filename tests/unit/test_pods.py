@@ -98,6 +98,7 @@ def test_a_libvirt_in_another_mount_namespace_is_a_pod(proc: FakeProc) -> None:
     assert pod.uri == f"qemu+unix:///system?socket={proc.root}/101/root{SOCK}"
     assert pod.netns == f"{proc.root}/101/ns/net"
     assert (pod.pid, pod.started) == (101, 500)
+    assert pod.queries == 1  # one VM per pod: one query connection
 
 
 def test_a_non_root_daemon_is_asked_for_its_session(proc: FakeProc) -> None:
@@ -229,6 +230,8 @@ def test_two_pods_with_the_same_domain_never_mix() -> None:
             assert running.states[keys[1]].row.libvirt == "pod/vm1@1001"
             assert list(running.daemon.board.connections) == ["pod/vm1", "pod/vm1@1001"]
             assert "2 pods (2 connected)" in running.daemon.status()
+            # Each pod's libvirt was asked for the one query connection its endpoint says.
+            assert [v.queries_asked for v in node.libvirts.values()] == [[1], [1]]
 
     asyncio.run(scenario())
 
