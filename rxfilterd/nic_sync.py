@@ -116,22 +116,7 @@ class NicSyncer:
         self.stats = stats
         self.decide = decide
         self.query_settle = query_settle
-        self._parsed: OrderedDict[tuple[str, str], tuple[str, list[Nic]]] = OrderedDict()
-
-    def nics_of(self, libvirt: str, uuid: str, xml: str) -> list[Nic]:
-        """The NICs in domain UUID's live XML (from LIBVIRT), parsed again only when the
-        XML differs."""
-        key = (libvirt, uuid)
-        kept = self._parsed.get(key)
-        if kept is not None and kept[0] == xml:
-            self._parsed.move_to_end(key)
-            return kept[1]
-        nics = parse_domain_nics(xml, libvirt)  # DomainXmlError: nothing kept
-        self._parsed[key] = (xml, nics)
-        self._parsed.move_to_end(key)
-        if len(self._parsed) > PARSED_DOMAINS:
-            self._parsed.popitem(last=False)
-        return nics
+        self.nics_of = ParsedNics(PARSED_DOMAINS)
 
     async def sync(
         self,
@@ -359,6 +344,29 @@ class NicSyncer:
             return await hypervisor.domain(uuid) is not None
         except HypervisorError:
             return True  # cannot tell: report the failure
+
+
+class ParsedNics:
+    """The NICs of the last live XML seen per domain: parsed again only when it changed
+    (each write's trust re-check reads it; most of the time it is the same text)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._parsed: OrderedDict[tuple[str, str], tuple[str, list[Nic]]] = OrderedDict()
+
+    def __call__(self, libvirt: str, uuid: str, xml: str) -> list[Nic]:
+        """The NICs in domain UUID's live XML (from LIBVIRT); DomainXmlError if unreadable."""
+        key = (libvirt, uuid)
+        kept = self._parsed.get(key)
+        if kept is not None and kept[0] == xml:
+            self._parsed.move_to_end(key)
+            return kept[1]
+        nics = parse_domain_nics(xml, libvirt)  # DomainXmlError: nothing kept
+        self._parsed[key] = (xml, nics)
+        self._parsed.move_to_end(key)
+        if len(self._parsed) > self._size:
+            self._parsed.popitem(last=False)
+        return nics
 
 
 def _abandoned(decide: DecisionSink, attempt: _Attempt, shutting_down: bool) -> None:
