@@ -145,6 +145,28 @@ def twin_drops(group: str, twin: Cable) -> None:
     assert lower_groups(twin.mvt.name) <= {"01:00:5e:00:00:01"}, lower_groups(twin.mvt.name)
 
 
+def why_twin(peer: Peer, twin: Cable) -> str:
+    """What a failed negative check needs to be told apart: the twin macvtap's flags,
+    groups and counters, and how the peer reached the twin's address."""
+    mvt = twin.mvt.name
+    stats = Path(f"/sys/class/net/{mvt}/statistics")
+    return "\n".join(
+        [
+            ip_out("-d", "link", "show", "dev", mvt),
+            f"{mvt} groups: {sorted(lower_groups(mvt))}",
+            f"{mvt} rx_packets={(stats / 'rx_packets').read_text().strip()}"
+            f" multicast={(stats / 'multicast').read_text().strip()}",
+            peer.run("ip", "-6", "route", "get", twin.guest_v6()).stdout,
+            peer.run("ip", "-6", "neigh").stdout,
+            peer.run("ip", "-6", "addr").stdout,
+        ]
+    )
+
+
+def ip_out(*args: str) -> str:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False).stdout
+
+
 def peer_neighbour(peer: Peer, addr: str) -> str:
     return ip("-n", peer.name, "neigh", "show", addr).strip()
 
@@ -170,7 +192,8 @@ def test_peer_reaches_the_guest_over_ipv6_only_after_the_sync(
             reached(peer, c.guest_v4())
         wait_until(lambda: peer.ping(trusted.guest_v6()), 20, "peer pings the trusted NIC")
         twin_drops(twin.solicited_node_group(), twin)
-        assert not peer.ping(twin.guest_v6(), count=3), "the untrusted twin answered ping6"
+        answered = peer.ping(twin.guest_v6(), count=3)
+        assert not answered, f"the untrusted twin answered ping6\n{why_twin(peer, twin)}"
         # The solicitation never got through, so the peer never learnt the twin's MAC.
         assert MACS[TWIN] not in peer_neighbour(peer, twin.guest_v6())
         group = trusted.solicited_node_group()
