@@ -109,13 +109,7 @@ class Peer:
 
     def run(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """ARGS run in the namespace (``ip netns exec``); never raises on failure."""
-        return subprocess.run(
-            ["ip", "netns", "exec", self.name, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return netns_run(self.name, *args, timeout=timeout)
 
     def ping(self, addr: str, count: int = 1, wait: int = 1) -> bool:
         """True when ADDR answers at least one of COUNT echo requests.
@@ -168,6 +162,17 @@ class Peer:
 
 
 # --------------------------------------------------------------------------- macvlan filter
+
+
+def netns_run(netns: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """ARGS, the host's binaries, run in the named network namespace NETNS; never raises."""
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def quiet_host_ipv6(link: str) -> None:

@@ -71,7 +71,7 @@ from tests.support.guest import (
 )
 from tests.support.libvirt_root import LIBVIRT_ROOT, ROOT, RootLibvirtd, root_problem
 from tests.support.libvirtd import LIBVIRTD_CONF, SETUP_HOST_QEMU_CONF
-from tests.support.peer import NETNS_DIR
+from tests.support.peer import NETNS_DIR, netns_run
 
 # The unprivileged user of session pods: KubeVirt's non-root virt-launcher runs as 107.
 SESSION_UID = 107
@@ -501,13 +501,7 @@ mount --bind {guest_dir} {m}{guest_dir}
 
     def run(self, *argv: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """ARGV on the host's binaries, in the pod's network namespace (never raises)."""
-        return subprocess.run(
-            ["ip", "netns", "exec", self.netns, *argv],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return netns_run(self.netns, *argv, timeout=timeout)
 
     def link(self, name: str) -> dict[str, Any] | None:
         """``ip -j -d link show NAME`` in the pod's namespace, or None."""
