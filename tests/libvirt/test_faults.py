@@ -486,7 +486,9 @@ def test_a_stuck_domain_delays_no_other_and_shutdown_abandons_it(
         try:
             wait_line(daemon, "synced", domain=ok.name, alias="net0")
             ok.set_mac("52:54:00:30:80:01")
-            wait_until(lambda: host_mac(ok_tap.name) == "52:54:00:30:80:01", 5, "other domain")
+            daemon.wait_until(
+                lambda: host_mac(ok_tap.name) == "52:54:00:30:80:01", 5, "other domain"
+            )
             assert not lines(daemon, "synced", domain=stuck.name)
         finally:
             assert daemon.stop() == 0
@@ -520,7 +522,9 @@ def test_more_stuck_domains_than_libvirtd_serves_per_client_still_spare_the_othe
         try:
             wait_line(daemon, "synced", domain=ok.name, alias="net0")
             ok.set_mac("52:54:00:30:90:aa")
-            wait_until(lambda: host_mac(ok_tap.name) == "52:54:00:30:90:aa", 5, "healthy domain")
+            daemon.wait_until(
+                lambda: host_mac(ok_tap.name) == "52:54:00:30:90:aa", 5, "healthy domain"
+            )
         finally:
             assert daemon.stop() == 0
     finally:

@@ -202,6 +202,20 @@ def test_a_trust_changed_on_the_running_domain_takes_effect_both_ways(
         )
         assert (granted["trust"], granted["trust_source"]) == ("yes", "interface")
 
+        # The MAC is the sync's first write: its multicast write and the guest's own
+        # follow-up (a new solicited-node group) may come after. Revoke once they are over.
+        def mine_now() -> int:
+            return len([r for r in daemon.records() if r.get("domain") == guest.name])
+
+        def quiet_for(seconds: float) -> bool:
+            before = mine_now()
+            return holds_for(lambda: mine_now() == before, seconds)
+
+        daemon.wait_for(lambda r: r.get("event") == "synced" and r.get("domain") == guest.name, 5)
+        for _ in range(10):
+            if quiet_for(1.0):
+                break
+
         guest.set_trust_live("net0", False)
         revoked_at = len(daemon.records())
         guest.set_mac(MAC1)

@@ -250,6 +250,13 @@ class RunningDaemon:
                 raise AssertionError(f"no {what} within {timeout} s; log tail:\n{self.tail()}")
             time.sleep(0.05)
 
+    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> float:
+        """wait_until, with this daemon's log tail in the failure (what did it see?)."""
+        try:
+            return wait_until(check, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log tail:\n{self.tail()}") from None
+
     def __enter__(self) -> Self:
         self.start()
         return self
