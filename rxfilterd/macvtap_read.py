@@ -25,6 +25,9 @@ from rxfilterd.netns_handles import (
 LOWER_CACHE_SECONDS = 30.0
 # How long a quick read trusts a macvtap's mode and lower device index from a full read.
 LINK_CACHE_SECONDS = 30.0
+# A link message this young makes any read a quick one: the survey that found the
+# NIC has just read what a full read would (each NIC's first sync follows its survey).
+FRESH_LINK_SECONDS = 2.0
 SIOCGIFFLAGS = 0x8913
 SIOCGIFHWADDR = 0x8927
 # pyroute2 decodes the mode to a name; the raw numbers are a fallback.
@@ -53,7 +56,12 @@ class MacvtapReader:
 
     async def is_macvtap(self, ifname: str) -> bool:
         msg = await self._net.get_link(ifname, ifname=ifname)
-        return msg is not None and _kind_mode(msg)[0] == "macvtap"
+        if msg is None:
+            return False
+        kind, mode = _kind_mode(msg)
+        if kind == "macvtap":
+            self._remember(_facts(msg, mode), ifname)
+        return kind == "macvtap"
 
     async def read(self, ifname: str, *, quick: bool = False) -> HostState | None:
         """The macvtap's filter; None if there is no such link.
@@ -62,31 +70,29 @@ class MacvtapReader:
         from the last full read (if under LINK_CACHE_SECONDS old and the ifindex is the
         same); the lower device's VLAN filtering comes from the same cache as in a full
         read. A netlink read costs ~0.7 ms of Python that would compete for the GIL
-        with the query it runs beside; the ioctls cost microseconds.
+        with the query it runs beside; the ioctls cost microseconds. Without QUICK the
+        same, but only from facts under FRESH_LINK_SECONDS old (is_macvtap keeps them
+        too): a NIC's survey and its first sync then cost one netlink read, not two.
         """
-        if quick:
-            state = await self._quick_read(ifname)
-            if state is not None:
-                return state
+        state = await self._quick_read(ifname, LINK_CACHE_SECONDS if quick else FRESH_LINK_SECONDS)
+        if state is not None:
+            return state
         msg = await self._net.get_link(ifname, ifname=ifname)
         if msg is None:
             return None
         kind, mode = _kind_mode(msg)
         if kind != "macvtap":
             raise MacvtapError(ifname, "read", None, f"is a {kind or 'plain'} link, not a macvtap")
-        lower_index = msg.get_attr("IFLA_LINK")
-        if not lower_index or msg.get_attr("IFLA_LINK_NETNSID") is not None:
-            lower_index = None  # the lower device lives in another namespace
-        facts = _LinkFacts(msg["index"], mode, lower_index, time.monotonic())
+        facts = _facts(msg, mode)
         self._remember(facts, ifname)
         return await self._state(
             ifname, facts, parse_mac(msg.get_attr("IFLA_ADDRESS")), msg["flags"]
         )
 
-    async def _quick_read(self, ifname: str) -> HostState | None:
-        """read() from ioctls and remembered facts; None when a full read is needed."""
+    async def _quick_read(self, ifname: str, max_age: float) -> HostState | None:
+        """read() from ioctls and facts under MAX_AGE; None when a full read is needed."""
         facts = self._links.get(ifname)
-        if facts is None or time.monotonic() - facts.read_at >= LINK_CACHE_SECONDS:
+        if facts is None or time.monotonic() - facts.read_at >= max_age:
             return None
         try:
             if self._net.ifindex(ifname) != facts.ifindex:
@@ -173,21 +179,8 @@ class MacvtapReader:
         return name, "hardware" if active else "none"
 
     def _multicast(self, ifindex: int) -> tuple[frozenset[str], frozenset[str]]:
-        """Multicast entries someone added, and those only the host stack joined.
-
-        dev_mcast columns: ifindex, name, users, global users, address (hex, no
-        colons). Only fdb/SIOCADDMULTI entries have global users.
-        """
         assert self._net.mcast_fd is not None, "HostNetwork used outside 'async with'"
-        static: set[str] = set()
-        joined: set[str] = set()
-        wanted = str(ifindex)
-        for line in _pread_all(self._net.mcast_fd).splitlines():
-            fields = line.split()
-            if len(fields) == 5 and fields[0] == wanted:
-                mac = from_bytes(bytes.fromhex(fields[4]))
-                (static if fields[3] != "0" else joined).add(mac)
-        return frozenset(static), frozenset(joined)
+        return device_multicast(_pread_all(self._net.mcast_fd), ifindex)
 
     async def _unicast(self, ifname: str, ifindex: int, own: str) -> frozenset[str]:
         found = set()
@@ -202,6 +195,38 @@ class MacvtapReader:
         except NetlinkError as exc:
             raise MacvtapError(ifname, "fdb dump", exc.code) from exc
         return frozenset(found)
+
+
+def device_multicast(dev_mcast: str, ifindex: int) -> tuple[frozenset[str], frozenset[str]]:
+    """IFINDEX's multicast entries someone added, and those only the host stack joined.
+
+    DEV_MCAST is /proc/net/dev_mcast: ifindex ("%-4d"), name, users, global users,
+    address (hex, no colons); only fdb/SIOCADDMULTI entries have global users. With
+    hundreds of macvtaps it holds thousands of lines, read whole for every NIC's read:
+    rather than split them all, find the device's first line and read on while lines
+    are its (the kernel prints a device's list in one go: dev_mc_seq_show).
+    """
+    static: set[str] = set()
+    joined: set[str] = set()
+    key = f"{ifindex:<4} "
+    at = 0 if dev_mcast.startswith(key) else dev_mcast.find("\n" + key) + 1
+    while dev_mcast.startswith(key, at):
+        end = dev_mcast.find("\n", at)
+        end = len(dev_mcast) if end < 0 else end
+        fields = dev_mcast[at:end].split()
+        if len(fields) == 5:
+            mac = from_bytes(bytes.fromhex(fields[4]))
+            (static if fields[3] != "0" else joined).add(mac)
+        at = end + 1
+    return frozenset(static), frozenset(joined)
+
+
+def _facts(msg: Any, mode: str) -> _LinkFacts:
+    """What a macvtap's link message says that its guest's events do not change."""
+    lower_index = msg.get_attr("IFLA_LINK")
+    if not lower_index or msg.get_attr("IFLA_LINK_NETNSID") is not None:
+        lower_index = None  # the lower device lives in another namespace
+    return _LinkFacts(msg["index"], mode, lower_index, time.monotonic())
 
 
 def _kind_mode(msg: Any) -> tuple[str | None, str]:

@@ -260,6 +260,24 @@ async def test_quick_read_sees_changes_made_behind_our_back(ns: Netns, ifname: s
     assert quick.unicast == ({UC1} if ifname == "mvp0" else frozenset())
 
 
+async def test_a_read_right_after_a_survey_sees_what_changed_since(ns: Netns) -> None:
+    # The survey's link message stands in for the first sync's netlink read: the MAC
+    # and flags must still come fresh (ioctls), and a recreated link be read anew.
+    async with HostNetwork(ns.name) as hn:
+        assert await hn.is_macvtap("mvb0")
+        ns.ip("link", "set", "mvb0", "address", "52:54:00:0a:0b:0d", "promisc", "on")
+        ns.ip("maddress", "add", MC1, "dev", "mvb0")
+        after_survey = await hn.read("mvb0")
+        ns.ip("link", "del", "mvb0")
+        ns.add_macvtap("mvb0", "veth0", "vepa")
+        assert await hn.is_macvtap("mvb0")
+        recreated = await hn.read("mvb0")
+    assert after_survey is not None and recreated is not None
+    assert (after_survey.mac, after_survey.promiscuous) == ("52:54:00:0a:0b:0d", True)
+    assert after_survey.multicast == {MC1}
+    assert (recreated.mode, recreated.ifindex) == ("vepa", ns.link("mvb0")["ifindex"])
+
+
 async def test_quick_read_after_recreate_reads_everything(ns: Netns) -> None:
     async with HostNetwork(ns.name) as hn:
         before = await read(hn, "mvb0")
