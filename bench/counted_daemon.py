@@ -10,6 +10,9 @@ It reaches the daemon only through `cli.main(tracer=...)` (rxfilterd.ports.Trace
   ahead of rxfilterd in libvirtd's delivery;
 - with RXFB_STAMPS=0 in the environment, events are only counted, not stamped (a
   hostile guest's hundreds of events a second would otherwise pile up in memory);
+- with RXFB_TRACEMALLOC=N (frames), Python's allocations are traced from the start and
+  each report adds a ``bench-memory`` line: the traced total and the 25 source lines
+  holding the most;
 - with RXFB_TRACE=1 in the environment, every query-rx-filter, host read and write
   (``bench-query``, ``bench-read``, ``bench-apply``, start and end times), the loop's
   dispatch of each event and the libvirt call in the pool thread are kept in memory
@@ -24,6 +27,7 @@ import os
 import signal
 import sys
 import time
+import tracemalloc
 from typing import Any
 
 import structlog
@@ -103,9 +107,20 @@ class BenchTracer:
             events_received=self._received_count,
             events_dispatched=self._dispatched,
         )
+        if tracemalloc.is_tracing():
+            snapshot = tracemalloc.take_snapshot()
+            top = snapshot.statistics("lineno")[:25]
+            log.warning(
+                "bench-memory",
+                traced_kib=round(tracemalloc.get_traced_memory()[0] / 1024),
+                top=[[str(s.traceback), round(s.size / 1024), s.count] for s in top],
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
+    frames = int(os.environ.get("RXFB_TRACEMALLOC", "0") or 0)
+    if frames:
+        tracemalloc.start(frames)
     tracer = BenchTracer(
         trace=os.environ.get("RXFB_TRACE") == "1",
         stamps=os.environ.get("RXFB_STAMPS", "1") == "1",

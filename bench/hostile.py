@@ -30,7 +30,7 @@ from bench.figures import write_json
 from bench.machine import loadavg, other_rxfilterd
 from bench.process import proc_cpu_seconds, proc_status, thread_cpu_seconds
 from bench.profiling import attach_profiler, print_profile, profile_summary, stop_profiler
-from bench.session import BenchSession
+from bench.session import BenchSession, add_libvirt_argument
 from tests.support.guest import EthernetNic, Guest, prefixed
 
 STOP = "/tmp/rxfb-hostile-stop"
@@ -162,12 +162,13 @@ def main() -> None:
         help="profile only the thread holding the GIL (default: every thread, waits left out)",
     )
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples a second")
+    add_libvirt_argument(parser)
     parser.add_argument("--out", help="directory for the JSON results, logs and profile")
     args = parser.parse_args()
     counts = [int(c) for c in args.guests.split(",")]
     results: list[dict[str, Any]] = []
     guests: list[Guest] = []
-    with BenchSession("hostile", args.out, profile=args.profile) as s:
+    with BenchSession("hostile", args.out, profile=args.profile, libvirt=args.libvirt) as s:
         try:
             for g in range(max(counts)):
                 mvt = s.stack.veth_macvtap(f"h{g}", mac=mac(g))

@@ -35,12 +35,12 @@ from bench.figures import summary_ms, write_json
 from bench.machine import REPO, loadavg, other_rxfilterd
 from bench.monitors import EventMonitor, LinkMonitor, LinkSample
 from bench.process import end_process
-from bench.session import BenchSession
+from bench.session import BenchSession, add_libvirt_argument
 from tests.support.guest import (
-    LIBVIRT_URI,
     DirectNic,
     EthernetNic,
     Guest,
+    current_libvirt,
     link_show,
     prefixed,
 )
@@ -231,7 +231,7 @@ class FloorClient:
         workdir.mkdir(parents=True, exist_ok=True)
         self._stamps_path = workdir / "floor-stamps.json"
         self._cmd = [
-            sys.executable, "-m", "bench.floor_client", "--uri", LIBVIRT_URI,
+            sys.executable, "-m", "bench.floor_client", "--uri", current_libvirt().uri,
             "--domain", domain, "--alias", alias, "--ifname", ifname,
             "--stamps", str(self._stamps_path),
         ]  # fmt: skip
@@ -439,13 +439,16 @@ def main() -> None:
         action="store_true",
         help="also measure bench.floor_client on net0: the least any external client pays",
     )
+    add_libvirt_argument(parser)
     parser.add_argument("--out", help="directory for the JSON results and logs")
     args = parser.parse_args()
     modes = [int(m) for m in args.modes.split(",")]
     samples: list[Sample] = []
     rtts: dict[int, list[float]] = {}
     phases: list[dict[str, Any]] = []
-    with BenchSession("latency", args.out, events=True, links=True, rcu=True) as s:
+    with BenchSession(
+        "latency", args.out, events=True, links=True, rcu=True, libvirt=args.libvirt
+    ) as s:
         out, info, events, links, rcu = s.out, s.info, s.events, s.links, s.rcu
         mvt = s.stack.veth_macvtap("le", mac=MAC_ETHERNET)
         s.stack.veth(prefixed("lda"), prefixed("ldb"))

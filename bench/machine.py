@@ -12,7 +12,7 @@ from typing import Any
 
 import libvirt
 
-from tests.support.guest import LIBVIRT_URI
+from tests.support.guest import current_libvirt
 
 REPO = Path(__file__).resolve().parent.parent
 RCU_EXPEDITED = Path("/sys/kernel/rcu_expedited")
@@ -59,7 +59,7 @@ def machine() -> dict[str, Any]:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             mem_kib = int(line.split()[1])
-    conn = libvirt.open(LIBVIRT_URI)
+    conn = libvirt.open(current_libvirt().uri)
     try:
         lib = conn.getLibVersion()
         qemu = conn.getVersion()

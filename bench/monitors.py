@@ -19,7 +19,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from tests.support.guest import LIBVIRT_URI
+from tests.support.guest import current_libvirt
 
 RTMGRP_LINK = 1
 RTM_NEWLINK = 16
@@ -168,7 +168,7 @@ class EventMonitor:
 
     def __init__(self) -> None:
         start_libvirt_event_loop()
-        self._conn: Any = libvirt.open(LIBVIRT_URI)
+        self._conn: Any = libvirt.open(current_libvirt().uri)
         self._lock = threading.Lock()
         self.events: list[QemuEvent] = []
         self._id: int | None = None

@@ -6,7 +6,8 @@ all guests up, rxfilterd is started three times:
   A. log level info: spawn -> READY=1 (sent after every NIC's first sync), then idle CPU
      (utime+stime from /proc/PID/stat over --idle seconds) and RSS (VmRSS, VmHWM);
   B. log level debug: spawn -> the last of the NICs' first syncs, from its log;
-  C. (unless --no-profile) under `py-spy record --gil`: where start-up time goes.
+  C. (unless --no-profile) under `py-spy record --gil`: where start-up time goes;
+  M. (with --heap) under tracemalloc: which source lines hold the Python heap.
 
     .venv/bin/python -m bench.scale [--guests 8] [--nics 25] [--idle 30]
 """
@@ -25,7 +26,7 @@ from bench.figures import write_json
 from bench.machine import loadavg, other_rxfilterd
 from bench.process import proc_cpu_seconds, proc_status
 from bench.profiling import print_profile, profile_summary
-from bench.session import BenchSession
+from bench.session import BenchSession, add_libvirt_argument
 from tests.support.guest import EthernetNic, Guest, prefix, prefixed
 
 SYNC_EVENTS = {"synced", "in sync", "applied", "failed", "rejected"}
@@ -120,10 +121,26 @@ def run_profiled(workdir: Path) -> dict[str, Any]:
     }
 
 
-def qemu_rss_mib(domain: str) -> float:
-    return round(
-        proc_status(int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text()))["VmRSS"] / 1024, 1
-    )
+def run_memory(workdir: Path) -> dict[str, Any]:
+    """Who holds the Python heap once every NIC synced (tracemalloc: not run A's RSS)."""
+    with BenchDaemon(workdir, tracemalloc=1) as daemon:
+        daemon.wait_ready(timeout=180)
+        time.sleep(2)
+        daemon.stats()
+        memory = [r for r in daemon.records() if r.get("event") == "bench-memory"][-1]
+        status = proc_status(daemon.pid)
+    return {
+        "traced_kib": memory["traced_kib"],
+        "rss_mib_while_tracing": round(status["VmRSS"] / 1024, 1),
+        "top": memory["top"],
+    }
+
+
+def qemu_rss_mib(domain: str) -> float | None:
+    pid_file = Path(f"/run/libvirt/qemu/{domain}.pid")  # the host's libvirt only
+    if not pid_file.exists():
+        return None
+    return round(proc_status(int(pid_file.read_text()))["VmRSS"] / 1024, 1)
 
 
 def main() -> None:
@@ -134,12 +151,16 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4, help="guests booting at once")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument(
+        "--heap", action="store_true", help="one more start under tracemalloc: who holds memory"
+    )
+    add_libvirt_argument(parser)
     parser.add_argument("--out", help="directory for the JSON results, logs and profile")
     args = parser.parse_args()
     guests: list[Guest] = []
     started = time.monotonic()
     result: dict[str, Any] = {}
-    with BenchSession("scale", args.out, profile=args.profile) as session:
+    with BenchSession("scale", args.out, profile=args.profile, libvirt=args.libvirt) as session:
         out, info = session.out, session.info
         try:
             for g in range(args.guests):
@@ -166,6 +187,11 @@ def main() -> None:
             if args.profile:
                 result["profiled_run"] = run_profiled(out / "run-profile")
                 print_profile("profile of rxfilterd's start-up", result["profiled_run"]["profile"])
+            if args.heap:
+                result["memory_run"] = run_memory(out / "run-memory")
+                print(f"M (tracemalloc): traced {result['memory_run']['traced_kib']} KiB")
+                for where, kib, count in result["memory_run"]["top"]:
+                    print(f"    {kib:7d} KiB {count:7d} blocks  {where}")
             result["guest_boot_seconds"] = boots
             result["qemu_rss_mib"] = [qemu_rss_mib(g.name) for g in guests]
         finally:

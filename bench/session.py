@@ -14,6 +14,7 @@ removed, leftovers cleared again, the monitors closed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,19 @@ from bench.machine import RcuMode, machine
 from bench.monitors import EventMonitor, LinkMonitor
 from bench.naming import check_prefix, out_dir, require_stack
 from bench.profiling import py_spy
-from tests.support.guest import Resources, cleanup_leftovers
+from tests.support.guest import HOST_LIBVIRT, Resources, cleanup_leftovers, use_libvirt
+from tests.support.libvirtd import LabLibvirtd
+from tests.support.libvirts import LABELS, libvirt_problem, session_lab
+
+
+def add_libvirt_argument(parser: argparse.ArgumentParser) -> None:
+    """--libvirt: which libvirt a bench runs against (BenchSession's LIBVIRT)."""
+    parser.add_argument(
+        "--libvirt",
+        default=HOST_LIBVIRT.label,
+        choices=LABELS,
+        help="the host's libvirt (9.0) or the cached Debian 13 root's (11.3), started for the run",
+    )
 
 
 class BenchSession:
@@ -45,8 +58,13 @@ class BenchSession:
         rcu: bool = False,
         profile: bool = False,
         cleanups: Sequence[Callable[[], object]] = (),
+        libvirt: str = HOST_LIBVIRT.label,
     ) -> None:
+        if libvirt not in LABELS:
+            raise ValueError(f"libvirt {libvirt!r}: not one of {', '.join(LABELS)}")
         self.name = name
+        self.libvirt = libvirt
+        self._lab: LabLibvirtd | None = None
         self._given = out
         self._want_events = events
         self._want_links = links
@@ -85,6 +103,7 @@ class BenchSession:
         require_stack()
         self.out = out_dir(self.name, self._given)
         try:
+            self._use_libvirt()
             if self._want_events:
                 self._events = EventMonitor()
             if self._want_links:
@@ -99,6 +118,16 @@ class BenchSession:
             raise
         print(f"machine: {self.info}")
         return self
+
+    def _use_libvirt(self) -> None:
+        problem = libvirt_problem(self.libvirt)
+        if problem is not None:
+            raise SystemExit(f"libvirt {self.libvirt}: {problem}")
+        self._lab = session_lab(self.libvirt)
+        if self._lab is not None:
+            self._lab.close()  # what an interrupted run left
+            self._lab.start()
+            use_libvirt(self._lab.target(self.libvirt))
 
     def __exit__(
         self,
@@ -121,3 +150,6 @@ class BenchSession:
                 self._events.close()
             if self._links is not None:
                 self._links.close()
+            if self._lab is not None:
+                self._lab.close()
+                use_libvirt(HOST_LIBVIRT)
