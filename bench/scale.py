@@ -126,8 +126,8 @@ def run_memory(workdir: Path) -> dict[str, Any]:
     with BenchDaemon(workdir, tracemalloc=1) as daemon:
         daemon.wait_ready(timeout=180)
         time.sleep(2)
-        daemon.stats()
-        memory = [r for r in daemon.records() if r.get("event") == "bench-memory"][-1]
+        daemon.stats()  # the snapshot is logged right after the counters
+        memory = daemon.wait_for(lambda r: r.get("event") == "bench-memory", 30, "bench-memory")
         status = proc_status(daemon.pid)
     return {
         "traced_kib": memory["traced_kib"],

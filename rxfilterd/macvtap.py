@@ -45,6 +45,7 @@ class HostNetwork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._reader.close()
         self._net.close()
 
     async def is_macvtap(self, ifname: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import time
@@ -53,6 +54,12 @@ class MacvtapReader:
         # rarely and the probe costs as much as the rest of a read, so it is cached.
         self._lower_cache: dict[int, tuple[float, str, LowerVlanFilter]] = {}
         self._links: dict[str, _LinkFacts] = {}
+        # Lower device ifindex -> its probe in flight (see _lower_vlan_filter).
+        self._lower_probes: dict[int, asyncio.Future[tuple[str, LowerVlanFilter]]] = {}
+
+    def close(self) -> None:
+        for probe in self._lower_probes.values():
+            probe.cancel()
 
     async def is_macvtap(self, ifname: str) -> bool:
         msg = await self._net.get_link(ifname, ifname=ifname)
@@ -142,14 +149,20 @@ class MacvtapReader:
         """The lower device INDEX's name and whether it drops VLAN ids nobody registered.
 
         Never raises: what cannot be read is "unknown", and the plan then falls back
-        to what is safe for the guest (promiscuous).
+        to what is safe for the guest (promiscuous). One probe per lower device at a
+        time: at start-up every macvtap on it is read at once, and each would probe.
         """
         if index is None:
             return "", "unknown"
         cached = self._lower_cache.get(index)
         if cached is not None and time.monotonic() - cached[0] < LOWER_CACHE_SECONDS:
             return cached[1], cached[2]
-        name, vlan_filter = await self._probe_lower(index)
+        probe = self._lower_probes.get(index)
+        if probe is None:
+            probe = self._lower_probes[index] = asyncio.ensure_future(self._probe_lower(index))
+            probe.add_done_callback(lambda _: self._lower_probes.pop(index, None))
+        # Shielded: one reader cancelled (its sync abandoned) must not cancel the others'.
+        name, vlan_filter = await asyncio.shield(probe)
         now = time.monotonic()
         if len(self._lower_cache) >= 256:  # lower devices come and go: drop stale ones
             self._lower_cache = {
