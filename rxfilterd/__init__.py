@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from rxfilterd import lazy_pyroute2
+
+lazy_pyroute2.install()  # before any module of ours imports from pyroute2
+
 
 def __getattr__(name: str) -> str:
     """`rxfilterd.__version__`: pyproject.toml's version, from the installed metadata."""

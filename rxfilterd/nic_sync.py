@@ -57,7 +57,6 @@ class NicSync:
     last_cause: str | None = None
     result: str = "pending"
     noted: set[str] = field(default_factory=set)
-    synced_once: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def retry_delay(failures: int, retry_max: float) -> float:
@@ -131,7 +130,6 @@ class NicSyncer:
         try:
             outcome = await self.once(hypervisor, config, nic, cause, shutting_down, trusts)
         finally:
-            nic.synced_once.set()
             nic.last_sync = time.time()
             nic.last_cause = cause
         if outcome == "ok":

@@ -94,6 +94,10 @@ class Reconciler:
         )
         self._ready = False
         self._ready_task: asyncio.Task[None] | None = None
+        # Until ready: the NICs whose first sync it waits for (by id: NicSync is not
+        # hashable), and what is set when the last of them has had it.
+        self._unsynced: dict[int, NicSync] = {}
+        self._all_synced = asyncio.Event()
         self._shutting_down = False
 
     def reload(self, config: Config) -> None:
@@ -126,6 +130,7 @@ class Reconciler:
             keep={(d.name, a) for d in self._domains.by_uuid.values() for a in d.reports}
         )
         if not self._ready and self._ready_task is None:
+            self._unsynced = {id(n): n for n in self._domains.nics() if n.last_sync is None}
             # Not awaited here: a stuck domain must not hold up events for the others.
             self._ready_task = asyncio.get_running_loop().create_task(self._announce_ready())
         self._on_status()
@@ -197,10 +202,10 @@ class Reconciler:
 
     async def _announce_ready(self) -> None:
         """Ready once every synced NIC had its first sync (or a failure logged)."""
-        waits = [nic.synced_once.wait() for nic in self._domains.nics()]
-        if waits:
+        if self._unsynced:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waits), timeout=self.timings.ready_wait)
+                await asyncio.wait_for(self._all_synced.wait(), timeout=self.timings.ready_wait)
+        self._unsynced = {}
         self._ready = True
         self._on_ready()
 
@@ -299,6 +304,8 @@ class Reconciler:
             )
         finally:
             self.sinks.nic_state(nic.report, nic)
+            if self._unsynced.pop(id(nic), None) is not None and not self._unsynced:
+                self._all_synced.set()
         if outcome == "stale":
             # Re-read the domain: it stops this NIC's worker if the NIC is not ours.
             domain = self._domains.get(nic.report.nic.uuid)
