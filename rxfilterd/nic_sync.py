@@ -21,6 +21,7 @@ from rxfilterd.events import HypervisorError
 from rxfilterd.guest_filter import GuestFilter, GuestFilterError, parse_reply
 from rxfilterd.host_state import HostState, MacvtapError
 from rxfilterd.inventory import NicReport, TrustResolver
+from rxfilterd.libvirt_handler import trust_changes_live
 from rxfilterd.nic import DomainXmlError, Nic, parse_domain_nics
 from rxfilterd.plan import Change, Plan, host_after, make_plan
 from rxfilterd.ports import DecisionSink, HostNetworkPort, HypervisorPort
@@ -174,10 +175,14 @@ class NicSyncer:
         # and writes only if the NIC's current XML still resolves to trusted. Not
         # beside the query: libvirt 11 blocks XMLDesc while the domain's monitor is
         # busy, so a hung domain would hold a second libvirtd call slot for nothing.
+        # Older libvirt keeps a running NIC's trust (update-device leaves it, a port's
+        # is fixed at plug), and a stop, an unplug or a recreated link come as events
+        # and fail apply's ifindex check: there the round trip would buy nothing.
+        recheck: Callable[[], Awaitable[str]] = _nothing_changes_live
+        if trust_changes_live(hypervisor.version):
+            recheck = lambda: _still_ours(hypervisor, trusts, nic, self.nics_of)  # noqa: E731
         try:
-            return await self._steps(
-                attempt, host_read, lambda: _still_ours(hypervisor, trusts, nic, self.nics_of)
-            )
+            return await self._steps(attempt, host_read, recheck)
         except asyncio.CancelledError:
             _abandoned(self.decide, attempt, shutting_down())
             raise
@@ -429,6 +434,10 @@ async def _still_ours(
         return "the NIC's device changed"
     trust = await trusts.trust(found[0])
     return "" if trust.value else f"untrusted now ({trust.source})"
+
+
+async def _nothing_changes_live() -> str:
+    return ""
 
 
 def _device(nic: Nic) -> tuple[str | None, ...]:

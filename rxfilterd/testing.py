@@ -68,6 +68,8 @@ class FakeLibvirt:
         # UUIDs looked up one by one (domain()), and forgotten, in order.
         self.looked_up: list[str] = []
         self.forgotten: list[str] = []
+        # Live XML reads of one domain (domain_xml()), in all.
+        self.xml_reads = 0
 
     def connect(
         self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None, queries: int = 3
@@ -120,6 +122,7 @@ class FakeConnection:
         return None if xml is None else RunningDomain(uuid, _name(xml), xml)
 
     async def domain_xml(self, uuid: str) -> str | None:
+        self.libvirt.xml_reads += 1
         return self.libvirt.domains.get(uuid)
 
     async def network_xml(self, name: str) -> str | None:

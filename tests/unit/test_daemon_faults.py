@@ -72,8 +72,12 @@ def domain_xml(
     return f"<domain><name>d1</name><uuid>u1</uuid><devices>{nics}</devices></domain>"
 
 
-def libvirt_with_d1(*aliases: str) -> FakeLibvirt:
-    libvirt = FakeLibvirt()
+# A libvirt that changes a running NIC's trust live (>= 10.0): syncs re-read the XML.
+LIVE_TRUST = 11_003_000
+
+
+def libvirt_with_d1(*aliases: str, version: int = 9_000_000) -> FakeLibvirt:
+    libvirt = FakeLibvirt(version)
     libvirt.reply = reply()
     libvirt.domains["u1"] = domain_xml(aliases=aliases or ("net0",))
     return libvirt
@@ -124,6 +128,7 @@ class OneSync:
     def __init__(self, network: FakeHostNetwork, libvirt: FakeLibvirt, **sync: Any) -> None:
         self.config = Config(sync=SyncSettings(**sync))
         self.connection = libvirt.connect("test:///", lambda _event: None)
+        self.connection.version = libvirt.version  # as connect() would have it
         self.syncer = NicSyncer(network, Stats(), Sinks().decide, query_settle=0.01)
         self.shutting_down = False
 
@@ -527,7 +532,7 @@ def test_a_nic_whose_current_xml_is_not_trusted_gets_no_write(
     # Trust revoked live (libvirt >= 10.0), or the device swapped under the same alias:
     # the guest asks for a new MAC and promiscuous mode, and nothing reaches the host.
     network = FakeHostNetwork(host_state())
-    libvirt = libvirt_with_d1()
+    libvirt = libvirt_with_d1(version=LIVE_TRUST)
     libvirt.reply = reply(**{"main-mac": MAC1, "promiscuous": True})
     libvirt.domains["u1"] = xml
     nic = NicSync(nic_report())
@@ -543,9 +548,11 @@ def test_a_nic_whose_current_xml_is_not_trusted_gets_no_write(
     assert nic.result == f"stopped: {why}"
 
 
-def test_a_trusted_nic_is_written_after_its_xml_is_read_again() -> None:
+@pytest.mark.parametrize("version", [9_000_000, LIVE_TRUST])
+def test_a_trusted_nic_is_written_after_its_xml_is_read_again(version: int) -> None:
+    # Only where trust can change live: on 9.0 the XML read would buy nothing.
     network = FakeHostNetwork(host_state())
-    libvirt = libvirt_with_d1()
+    libvirt = libvirt_with_d1(version=version)
     libvirt.reply = reply(**{"main-mac": MAC1})
 
     async def scenario() -> str:
@@ -553,12 +560,13 @@ def test_a_trusted_nic_is_written_after_its_xml_is_read_again() -> None:
 
     assert asyncio.run(scenario()) == "ok"
     assert [c.field for c in network.applied] == ["mac"]
+    assert libvirt.xml_reads == (1 if version == LIVE_TRUST else 0)
 
 
 def test_a_revoked_trust_stops_the_worker_with_no_write(records: list[dict[str, Any]]) -> None:
     # Through the daemon: the stale outcome re-reads the domain, which stops the NIC.
     network = FakeHostNetwork(host_state())
-    libvirt = libvirt_with_d1()
+    libvirt = libvirt_with_d1(version=LIVE_TRUST)
 
     async def scenario() -> None:
         async with Running(libvirt, network) as daemon:
