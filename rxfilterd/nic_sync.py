@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -180,7 +181,7 @@ class NicSyncer:
         # and fail apply's ifindex check: there the round trip would buy nothing.
         recheck: Callable[[], Awaitable[str]] = _nothing_changes_live
         if trust_changes_live(hypervisor.version):
-            recheck = lambda: _still_ours(hypervisor, trusts, nic, self.nics_of)  # noqa: E731
+            recheck = functools.partial(_still_ours, hypervisor, trusts, nic, self.nics_of)
         try:
             return await self._steps(attempt, host_read, recheck)
         except asyncio.CancelledError:
