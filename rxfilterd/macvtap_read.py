@@ -159,10 +159,14 @@ class MacvtapReader:
             return cached[1], cached[2]
         probe = self._lower_probes.get(index)
         if probe is None:
-            probe = self._lower_probes[index] = asyncio.ensure_future(self._probe_lower(index))
+            probe = asyncio.ensure_future(self._probe_and_cache(index))
+            self._lower_probes[index] = probe
             probe.add_done_callback(lambda _: self._lower_probes.pop(index, None))
         # Shielded: one reader cancelled (its sync abandoned) must not cancel the others'.
-        name, vlan_filter = await asyncio.shield(probe)
+        return await asyncio.shield(probe)
+
+    async def _probe_and_cache(self, index: int) -> tuple[str, LowerVlanFilter]:
+        name, vlan_filter = await self._probe_lower(index)
         now = time.monotonic()
         if len(self._lower_cache) >= 256:  # lower devices come and go: drop stale ones
             self._lower_cache = {
