@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import json, sys
 import rxfilterd.app
@@ -19,15 +21,17 @@ print(json.dumps({"before": before, "after": after, "same": pyroute2.IPRoute is 
 """
 
 
-def probe() -> dict[str, object]:
-    # A fresh interpreter: this one's pytest may have imported pyroute2 already.
+@pytest.fixture(scope="module")
+def found() -> dict[str, object]:
+    # A fresh interpreter (one for both tests): this one may have imported pyroute2.
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     result: dict[str, object] = json.loads(out.stdout)
     return result
 
 
-def test_the_daemon_imports_rtnetlink_without_the_rest_of_pyroute2() -> None:
-    found = probe()
+def test_the_daemon_imports_rtnetlink_without_the_rest_of_pyroute2(
+    found: dict[str, object],
+) -> None:
     before = found["before"]
     assert isinstance(before, list)
     assert "pyroute2.iproute.linux" in before
@@ -35,8 +39,7 @@ def test_the_daemon_imports_rtnetlink_without_the_rest_of_pyroute2() -> None:
         assert unused not in before, unused
 
 
-def test_a_top_level_name_loads_the_whole_package_as_usual() -> None:
-    found = probe()
+def test_a_top_level_name_loads_the_whole_package_as_usual(found: dict[str, object]) -> None:
     after = found["after"]
     assert isinstance(after, list)
     assert "pyroute2.ndb.main" in after
