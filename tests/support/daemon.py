@@ -250,6 +250,19 @@ class RunningDaemon:
                 raise AssertionError(f"no {what} within {timeout} s; log tail:\n{self.tail()}")
             time.sleep(0.05)
 
+    def wait_quiet(self, seconds: float = 0.5, timeout: float = 10.0) -> None:
+        """Until no filter event has reached the daemon for SECONDS: the guest is done."""
+        deadline = time.monotonic() + timeout
+
+        def heard() -> int:
+            return sum(r.get("event") == "rx-filter event" for r in self.records())
+
+        while time.monotonic() < deadline:
+            seen = heard()
+            if holds_for(lambda: heard() == seen, seconds):  # noqa: B023 - called at once
+                return
+        raise AssertionError(f"the guest's filter events did not stop within {timeout} s")
+
     def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> float:
         """wait_until, with this daemon's log tail in the failure (what did it see?)."""
         try:
