@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from rxfilterd.config import Config
+from rxfilterd.filter_mute import DomainMute
 from rxfilterd.inventory import NicReport
 from rxfilterd.nic_sync import NicSync
 from rxfilterd.ports import HypervisorPort
@@ -46,6 +47,7 @@ class DomainSync:
     # Every NIC by alias, synced or not, so events for skipped NICs stay quiet.
     reports: dict[str, NicReport] = field(default_factory=dict)
     nics: dict[str, NicSync] = field(default_factory=dict)
+    mute: DomainMute | None = None
 
 
 # Why a domain was dropped when it was our own doing, no news about the domain.
@@ -63,6 +65,8 @@ class Domains:
         domain_job: Callable[[DomainSync, str], Awaitable[None]],
         nic_job: Callable[[NicSync, str], Awaitable[None]],
         settle: float,
+        subscribe: Callable[[str], Awaitable[None]],
+        unsubscribe: Callable[[str], Awaitable[None]],
     ) -> None:
         self.sinks = sinks
         self.stats = stats
@@ -74,6 +78,8 @@ class Domains:
         self._domain_job = domain_job
         self._nic_job = nic_job
         self._settle = settle
+        self._subscribe = subscribe
+        self._unsubscribe = unsubscribe
         self._workers = WorkerPool()
 
     def get(self, uuid: str) -> DomainSync | None:
@@ -99,11 +105,31 @@ class Domains:
         domain = self.by_uuid.get(uuid)
         if domain is None:
             domain = self.by_uuid[uuid] = DomainSync(uuid, name)
+            domain.mute = self._mute(domain)
         if domain.worker is None:
             domain.worker = self._workers.start(
                 f"domain {name}", functools.partial(self._domain_job, domain)
             )
         return domain.worker
+
+    def _mute(self, domain: DomainSync) -> DomainMute:
+        def resync(alias: str, cause: str) -> None:
+            nic = domain.nics.get(alias)
+            if nic is not None and nic.worker is not None:
+                nic.worker.kick(cause)
+
+        def refused() -> None:
+            if domain.worker is not None:
+                domain.worker.kick("subscribe")  # the re-read subscribes again
+
+        return DomainMute(
+            domain.uuid,
+            subscribe=self._subscribe,
+            unsubscribe=self._unsubscribe,
+            nics=lambda: list(domain.nics),
+            resync=resync,
+            refused=refused,
+        )
 
     def update(
         self, domain: DomainSync, name: str, reports: list[NicReport], cause: str, config: Config
@@ -142,12 +168,14 @@ class Domains:
                 self._stop_nic(domain, alias)
             nic = domain.nics[alias] = NicSync(report)
             rate = config.sync.max_syncs_per_second
+            assert domain.mute is not None
             nic.worker = self._workers.start(
                 f"{domain.name}/{alias}",
                 functools.partial(self._nic_job, nic),
                 rate=rate,
                 burst=max(1, round(rate)),
                 settle=self._settle,
+                mute=domain.mute.for_nic(domain.name, alias, report.nic.ifname or ""),
             )
         assert nic.worker is not None
         nic.worker.kick(cause)
@@ -161,6 +189,8 @@ class Domains:
         domain = self.by_uuid.pop(uuid, None)
         if domain is None:
             return None
+        if domain.mute is not None:
+            domain.mute.close()
         ours = why in OUR_DOING
         if domain.nics:
             level = "debug" if ours else "info"

@@ -12,6 +12,9 @@ handler queries a trusted NIC on each, which re-arms QEMU's event at once), and 
 hand-over wakes the event loop. The event thread therefore hands over one filter event
 per NIC and drops the NIC's further ones (but one every 10 ms) until a query of ours for
 it starts: that query, sent after they arrived, answers them all (rxfilterd.event_holds).
+Filter events are subscribed per domain, so that the reconciler can stop libvirtd sending
+a noisy domain's while the NIC waits out its rate limit (rxfilterd.filter_mute): even a
+dropped event costs libvirt's client library and libvirt-python ~70 us to receive.
 """
 
 from __future__ import annotations
@@ -151,16 +154,14 @@ class _Subscriptions:
         self._aliases: dict[str, str] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lost = False
-        self._qemu_callback: int | None = None
+        # Filter event subscriptions by domain UUID (callback IDs).
+        self.filter_callbacks: dict[str, int] = {}
         self._domain_callbacks: list[int] = []
 
     def register(self, conn: Any) -> None:
         # Keepalive makes a dead libvirtd show up as a close event within ~20 s.
         conn.setKeepAlive(5, 3)
         conn.registerCloseCallback(self._closed, None)
-        self._qemu_callback = libvirt_qemu.qemuMonitorEventRegister(
-            conn, None, "NIC_RX_FILTER_CHANGED", self._qemu_event, None, 0
-        )
         self._domain_callbacks = [
             conn.domainEventRegisterAny(None, event_id, callback, None)
             for event_id, callback in (
@@ -170,6 +171,27 @@ class _Subscriptions:
                 (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._device_removed),
             )
         ]
+
+    # Subscribing and unsubscribing run on one thread, in the order asked: an
+    # unsubscribe whose caller was cancelled still runs before a later subscribe.
+    def subscribe(self, conn: Any, uuid: str, domains: DomainHandles) -> None:
+        if uuid in self.filter_callbacks:
+            return
+        dom = domains.get(uuid)
+        if dom is None:
+            dom = domains[uuid] = conn.lookupByUUIDString(uuid)
+        # libvirtd filters by domain: an unsubscribed domain's events are never sent.
+        self.filter_callbacks[uuid] = int(
+            libvirt_qemu.qemuMonitorEventRegister(
+                conn, dom, "NIC_RX_FILTER_CHANGED", self._qemu_event, None, 0
+            )
+        )
+
+    def unsubscribe(self, conn: Any, uuid: str) -> None:
+        callback_id = self.filter_callbacks.pop(uuid, None)
+        if callback_id is not None:
+            with contextlib.suppress(libvirt.libvirtError):  # the connection went meanwhile
+                libvirt_qemu.qemuMonitorEventDeregister(conn, callback_id)
 
     # Callbacks below run on libvirt's event thread: hand over, never block.
     def _emit(self, event: HypervisorEvent) -> None:
@@ -251,13 +273,12 @@ class _Subscriptions:
         # client side of every dropped connection would live on until exit.
         with contextlib.suppress(libvirt.libvirtError):
             conn.unregisterCloseCallback()
-        if self._qemu_callback is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                libvirt_qemu.qemuMonitorEventDeregister(conn, self._qemu_callback)
+        for uuid in list(self.filter_callbacks):
+            self.unsubscribe(conn, uuid)
         for callback_id in self._domain_callbacks:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(callback_id)
-        self._qemu_callback = None
+        self.filter_callbacks.clear()
         self._domain_callbacks = []
 
 
@@ -281,16 +302,20 @@ class Hypervisor:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
         self._conn: Any = None
         self._domain_locks: dict[str, asyncio.Lock] = {}
+        # Filter event subscriptions change on this one thread, in order.
+        self._ordered = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt-sub")
         self._domains: DomainHandles = {}
         self._queries: list[_QueryConnection] = []
         self._query_count = queries
         # libvirt's version, packed (major * 1e6 + minor * 1e3 + micro); 0 until connected.
         self.version = 0
 
-    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def _call(
+        self, fn: Callable[..., _T], *args: Any, pool: ThreadPoolExecutor | None = None
+    ) -> _T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, fn, *args)
+            return await loop.run_in_executor(pool or self._pool, fn, *args)
         except libvirt.libvirtError as exc:
             gone = exc.get_error_code() in _GONE_CODES
             raise HypervisorError(exc.get_error_message() or str(exc), gone=gone) from None
@@ -302,6 +327,7 @@ class Hypervisor:
             _start_event_thread()
         self._events.loop = asyncio.get_running_loop()
         self._events.lost = False
+        self._events.filter_callbacks.clear()  # they went with the old connection
         self._domains.clear()
         try:
             await asyncio.wait_for(self._open(), CONNECT_TIMEOUT)
@@ -340,6 +366,25 @@ class Hypervisor:
     def shutdown(self) -> None:
         # Worker threads stuck in a libvirt call must not hold up process exit.
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._ordered.shutdown(wait=False, cancel_futures=True)
+
+    # Filter event subscriptions, per domain.
+    async def subscribe(self, uuid: str) -> None:
+        """Receive the running domain's filter events from now on (again); idempotent."""
+        if not self._subscribe:
+            return
+        try:
+            await self._call(
+                self._events.subscribe, self._conn, uuid, self._domains, pool=self._ordered
+            )
+        except HypervisorError as exc:
+            if not exc.gone:
+                raise
+            self._domains.pop(uuid, None)
+
+    async def unsubscribe(self, uuid: str) -> None:
+        """No more filter events of the domain until subscribe() (events in flight aside)."""
+        await self._call(self._events.unsubscribe, self._conn, uuid, pool=self._ordered)
 
     # Look-ups
     async def running_domains(self) -> list[RunningDomain]:
@@ -451,6 +496,11 @@ class Hypervisor:
                 self._tracer.step("call", alias, started, time.time())
 
     def forget(self, uuid: str) -> None:
+        if self._conn is not None:
+            # Not awaited: a domain that stopped sends no more events meanwhile. Always
+            # asked: a subscribe may still be on its way on the ordered thread.
+            with contextlib.suppress(RuntimeError):  # shut down already
+                self._ordered.submit(self._events.unsubscribe, self._conn, uuid)
         self._events.holds.release(uuid)
         self._domains.pop(uuid, None)
         self._domain_locks.pop(uuid, None)

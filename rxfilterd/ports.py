@@ -45,6 +45,12 @@ class HypervisorPort(TrustLookups, Protocol):
 
     def shutdown(self) -> None: ...
 
+    async def subscribe(self, uuid: str) -> None:
+        """Receive the running domain's filter events from now on; idempotent."""
+
+    async def unsubscribe(self, uuid: str) -> None:
+        """Receive none of the domain's filter events until subscribe()."""
+
     async def running_domains(self) -> list[RunningDomain]: ...
 
     async def domain(self, uuid: str) -> RunningDomain | None: ...

@@ -22,6 +22,7 @@ from rxfilterd.events import (
     DomainChanged,
     HypervisorError,
     HypervisorEvent,
+    RunningDomain,
     RxFilterChanged,
 )
 from rxfilterd.host_state import MacvtapError
@@ -91,6 +92,8 @@ class Reconciler:
             domain_job=self._reconcile_domain,
             nic_job=self._sync_nic,
             settle=timings.follow_up_settle,
+            subscribe=self._subscribe,
+            unsubscribe=self._unsubscribe,
         )
         self._ready = False
         self._ready_task: asyncio.Task[None] | None = None
@@ -246,6 +249,28 @@ class Reconciler:
             # Started (booted, restored, migrated in), resumed, or a NIC came or went.
             self._domains.worker(event.uuid, event.domain).kick(event.change)
 
+    async def _subscribe(self, uuid: str) -> None:
+        if self._hypervisor is None:
+            raise HypervisorError("not connected")
+        await self._hypervisor.subscribe(uuid)
+
+    async def _unsubscribe(self, uuid: str) -> None:
+        if self._hypervisor is not None:
+            await self._hypervisor.unsubscribe(uuid)
+
+    async def _survey(
+        self,
+        hypervisor: HypervisorPort,
+        domain: DomainSync,
+        found: RunningDomain,
+        trusts: TrustResolver,
+    ) -> list[NicReport]:
+        """DOMAIN's NICs as FOUND says, its filter events subscribed first (unless muted):
+        a change after the subscription gets an event, one before it the first query."""
+        if domain.mute is None or not domain.mute.muted:
+            await hypervisor.subscribe(domain.uuid)
+        return await survey_domain(self.libvirt, found, self.network, trusts)
+
     async def _reconcile_all(self, cause: str) -> None:
         """Re-read every running domain and sync every trusted NIC."""
         hypervisor = self._hypervisor
@@ -263,7 +288,7 @@ class Reconciler:
             self._domains.worker(found.uuid, found.name)
             domain = self._domains.by_uuid[found.uuid]
             try:
-                reports = await survey_domain(self.libvirt, found, self.network, trusts)
+                reports = await self._survey(hypervisor, domain, found, trusts)
             except (HypervisorError, MacvtapError) as exc:
                 log.warning("cannot read domain", domain=found.name, error=str(exc))
                 continue
@@ -283,7 +308,7 @@ class Reconciler:
                 self._domains.drop(domain.uuid, "not running", hypervisor)
                 return
             trusts = TrustResolver(hypervisor, self._domains.ports)
-            reports = await survey_domain(self.libvirt, found, self.network, trusts)
+            reports = await self._survey(hypervisor, domain, found, trusts)
         except (HypervisorError, MacvtapError) as exc:
             self.stats.error(f"reading domain {domain.uuid}: {exc}")
             log.warning("cannot read domain", uuid=domain.uuid, error=str(exc))

@@ -70,6 +70,10 @@ class FakeLibvirt:
         self.forgotten: list[str] = []
         # Live XML reads of one domain (domain_xml()), in all.
         self.xml_reads = 0
+        # Domains whose filter events are subscribed (others' are not delivered), and
+        # every subscribe ("+uuid") and unsubscribe ("-uuid") in order.
+        self.subscribed: set[str] = set()
+        self.subscriptions: list[str] = []
 
     def connect(
         self, uri: str, on_event: EventHandler, *, tracer: Tracer | None = None, queries: int = 3
@@ -80,7 +84,12 @@ class FakeLibvirt:
         return connection
 
     def emit(self, event: HypervisorEvent) -> None:
-        """An event on the newest connection (on the event loop, as libvirt's arrive)."""
+        """An event on the newest connection (on the event loop, as libvirt's arrive).
+
+        A filter event of a domain not subscribed is not delivered, as with libvirt.
+        """
+        if isinstance(event, RxFilterChanged) and event.uuid not in self.subscribed:
+            return
         self.connections[-1].on_event(event)
 
 
@@ -99,6 +108,7 @@ class FakeConnection:
         if step == "fail":
             raise HypervisorError("Failed to connect socket: No such file or directory")
         self.version = self.libvirt.version
+        self.libvirt.subscribed.clear()  # subscriptions are the old connection's
         if step == "lose":
             asyncio.get_running_loop().call_later(0.01, self.lose)
 
@@ -110,6 +120,16 @@ class FakeConnection:
 
     def shutdown(self) -> None:
         pass
+
+    async def subscribe(self, uuid: str) -> None:
+        if uuid not in self.libvirt.subscribed:
+            self.libvirt.subscribed.add(uuid)
+            self.libvirt.subscriptions.append(f"+{uuid}")
+
+    async def unsubscribe(self, uuid: str) -> None:
+        if uuid in self.libvirt.subscribed:
+            self.libvirt.subscribed.discard(uuid)
+            self.libvirt.subscriptions.append(f"-{uuid}")
 
     async def running_domains(self) -> list[RunningDomain]:
         if self.libvirt.listing is not None:
@@ -141,6 +161,7 @@ class FakeConnection:
 
     def forget(self, uuid: str) -> None:
         self.libvirt.forgotten.append(uuid)
+        self.libvirt.subscribed.discard(uuid)
 
 
 def _name(xml: str) -> str:

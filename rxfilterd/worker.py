@@ -7,6 +7,12 @@ events over a few hundred milliseconds then costs two runs, not one per round tr
 A first run after a quiet spell never waits. A token bucket (`rate` runs a
 second, bursts of `burst`) bounds what a hostile guest can make the host do while
 leaving an occasional change unthrottled.
+
+A worker turns noisy when a follow-up waited the whole `settle_max` without a pause,
+or kicks came while it waited for a token. A noisy worker waits `settle_max` and its
+token out before each run, under a `Mute` held (kicks could not shorten that wait, so
+their events are not worth receiving), and takes the mute off before the run. No kick
+within `settle` after a run ends the noise.
 """
 
 from __future__ import annotations
@@ -15,10 +21,24 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import structlog
 
 log = structlog.get_logger("rxfilterd")
+
+
+class Mute(Protocol):
+    """Protocol: what stops a noisy worker's kicks coming while it waits (see module)."""
+
+    async def hold(self) -> None:
+        """Stop them (may decline); cancelled half-way, a release() still follows."""
+
+    async def release(self) -> None:
+        """Let them come again; returns once they do. Harmless when not held."""
+
+    def calm(self) -> None:
+        """The noise ended (a run nobody kicked during)."""
 
 
 class CoalescingWorker:
@@ -30,8 +50,11 @@ class CoalescingWorker:
         burst: int = 1,
         settle: float = 0.0,
         settle_max: float = 0.25,
+        mute: Mute | None = None,
     ) -> None:
         self.name = name
+        self._mute = mute
+        self._noisy = False
         self._settle = settle
         self._settle_max = settle_max
         self._kicks = 0
@@ -68,10 +91,19 @@ class CoalescingWorker:
 
     async def _run(self) -> None:
         while not self._stopping:
+            if self._noisy and not await self._kicked_within(self._settle):
+                self._noisy = False
+                if self._mute is not None:
+                    self._mute.calm()
             await self._wake.wait()
-            if self._followup:
-                await self._wait_for_quiet()
-            await self._take_token()
+            if self._noisy and self._mute is not None:
+                await self._wait_muted(self._mute)
+            else:
+                if self._followup and not await self._wait_for_quiet():
+                    self._noisy = True
+                seen = self._kicks
+                await self._take_token()
+                self._noisy = self._noisy or self._kicks != seen
             if self._stopping:
                 return
             self._wake.clear()
@@ -92,15 +124,31 @@ class CoalescingWorker:
             # Kicked while it ran: the guest was still changing.
             self._followup = self._wake.is_set()
 
-    async def _wait_for_quiet(self) -> None:
+    async def _kicked_within(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        return self._wake.is_set()
+
+    async def _wait_for_quiet(self) -> bool:
+        """Wait until the kicks pause for `settle`: whether they did before `settle_max`."""
         if self._settle <= 0:
-            return
+            return True
         deadline = time.monotonic() + self._settle_max
         while time.monotonic() < deadline:
             seen = self._kicks
             await asyncio.sleep(min(self._settle, max(0.0, deadline - time.monotonic())))
             if self._kicks == seen:
-                return
+                return True
+        return False
+
+    async def _wait_muted(self, mute: Mute) -> None:
+        try:
+            await mute.hold()
+            await asyncio.sleep(self._settle_max)
+            await self._take_token()
+        finally:
+            # Before the run: its query must come after the kicks can come again.
+            await mute.release()
 
     def set_rate(self, rate: float | None, burst: int = 1) -> None:
         """A new limit (config reload); tokens already earned are kept up to BURST."""
@@ -156,8 +204,9 @@ class WorkerPool:
         rate: float | None = None,
         burst: int = 1,
         settle: float = 0.0,
+        mute: Mute | None = None,
     ) -> CoalescingWorker:
-        worker = CoalescingWorker(name, job, rate=rate, burst=burst, settle=settle)
+        worker = CoalescingWorker(name, job, rate=rate, burst=burst, settle=settle, mute=mute)
         self._live.add(worker)
         return worker
 

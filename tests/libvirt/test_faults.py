@@ -73,16 +73,6 @@ def wait_line(daemon: RunningDaemon, event: str, timeout: float = 10, **match: o
     )
 
 
-def wait_quiet(daemon: RunningDaemon, seconds: float = 0.5, timeout: float = 10) -> None:
-    """Until no filter event has reached the daemon for SECONDS: the guest is done."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seen = len(lines(daemon, "rx-filter event"))
-        if holds_for(lambda: len(lines(daemon, "rx-filter event")) == seen, seconds):  # noqa: B023 - called at once
-            return
-    raise AssertionError(f"the guest's filter events did not stop within {timeout} s")
-
-
 def make_daemon(
     workdir: Path,
     lv: LabLibvirtd,
@@ -193,7 +183,7 @@ def test_reset_plug_unplug_restore_and_stop(
         wait_until(lambda: host_mac(mvt.name) == "52:54:00:30:20:01", 5, "MAC before reset")
         # The guest's own follow-ups (its new solicited-node group) first: a sync of
         # theirs still pending at the reset would be the one to find the reset state.
-        wait_quiet(daemon)
+        daemon.wait_quiet()
 
         # Reset: QEMU restores the configured MAC and says nothing about the NIC.
         guest.reset()
@@ -463,6 +453,43 @@ def test_a_guest_flipping_its_filter_costs_bounded_syncs_and_lands(
     for name, now in (("promiscuous", final_promisc), ("allmulti", final_allmulti)):
         if name not in abandoned:
             assert now == last.get(name, before[name]), (name, now, last, before)
+
+
+def test_a_guest_changing_its_filter_non_stop_is_muted_and_its_other_nic_still_syncs(
+    lv: LabLibvirtd, conn: Any, stack: Resources, tmp_path: Path
+) -> None:
+    noisy = stack.veth_macvtap("hn", mac=MAC0)
+    other = stack.veth_macvtap("ho", mac=MAC1)
+    nics = [EthernetNic(m.name, mac=m.mac, trust=True) for m in (noisy, other)]
+    guest = stack.guest(prefixed("hn"), nics, conn=conn)
+    net0: dict[str, Any] = {"domain": guest.name, "alias": "net0"}
+    with make_daemon(tmp_path, lv) as daemon:
+        wait_line(daemon, "synced", **net0)
+        wait_line(daemon, "synced", domain=guest.name, alias="net1")
+        flip = f"while :; do echo $((f | 0x100)) >{FLAGS}; echo $f >{FLAGS}; done"
+        guest.run(f"{FLAGS_OFF}; ({flip}) >/dev/null 2>&1 & echo $! >/tmp/flip.pid")
+        try:
+            # libvirt re-arms a trusted NIC's event on each change: hundreds a second.
+            muted = wait_line(daemon, "filter events muted", **net0)
+            assert muted["ifname"] == noisy.name
+            # The domain's events go unsent now, net1's too; its change still lands.
+            guest.run("ip link set eth1 address 52:54:00:30:00:77")
+            wait_until(lambda: host_mac(other.name) == "52:54:00:30:00:77", 10, "net1's new MAC")
+            unmuted = lines(daemon, "synced", domain=guest.name, alias="net1", cause="unmuted")
+            assert unmuted, "net1 was never synced after an unmute"
+            # While muted, rxfilterd hears a few events per sync, not hundreds.
+            muted_at = daemon.records().index(muted)
+            time.sleep(2.0)
+            later = daemon.records()[muted_at:]
+            net0_lines = [r.get("event") for r in later if r.get("alias") == "net0"]
+            heard, syncs = net0_lines.count("rx-filter event"), net0_lines.count("synced")
+            assert syncs >= 2 and heard <= 10 * syncs, (heard, syncs)
+        finally:
+            guest.run("kill $(cat /tmp/flip.pid)")
+        guest.run(f"{FLAGS_OFF}; echo $((f | 0x100)) >{FLAGS}")  # the last word: promiscuous
+        wait_line(daemon, "filter events unmuted", **net0)
+        wait_until(lambda: promisc(noisy.name), 5, "the last state (promiscuous on)")
+        assert not lines(daemon, "rejected") and not lines(daemon, "failed")
 
 
 # --------------------------------------------------------------------------- stuck domain

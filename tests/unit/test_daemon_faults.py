@@ -435,7 +435,7 @@ def test_a_start_right_behind_a_stop_is_not_lost(records: list[dict[str, Any]]) 
 
 def test_filter_events_skip_the_queue_only_with_nothing_queued_ahead() -> None:
     tracer = RecordingTracer()
-    libvirt = FakeLibvirt()
+    libvirt = libvirt_with_d1("net0")
 
     def order() -> list[str]:
         return [
@@ -447,6 +447,8 @@ def test_filter_events_skip_the_queue_only_with_nothing_queued_ahead() -> None:
         listing = libvirt.listing = asyncio.Event()
         async with Running(libvirt, FakeHostNetwork(host_state()), tracer=tracer):
             await until(lambda: bool(libvirt.connections), "connected")
+            # Subscribed as by an earlier survey: this test is about the queue behind it.
+            libvirt.subscribed.add("u1")
             # Queued while the first survey runs: nothing follows the stream yet.
             libvirt.emit(RxFilterChanged("u1", "d1", "early", 0.0))
             await asyncio.sleep(0.01)
@@ -579,3 +581,41 @@ def test_a_revoked_trust_stops_the_worker_with_no_write(records: list[dict[str, 
     asyncio.run(scenario())
     assert network.applied == []
     assert [r["reason"] for r in events(records, "skipped")] == ["untrusted"]
+
+
+def test_a_noisy_nic_mutes_its_domain_and_its_sibling_is_synced_after(
+    records: list[dict[str, Any]],
+) -> None:
+    tracer = RecordingTracer()
+    libvirt = libvirt_with_d1("net0", "net1")
+    libvirt.reply = rx_filter_reply(guest_entry(), guest_entry(name="net1"))
+
+    def delivered() -> int:
+        return sum(isinstance(e, RxFilterChanged) for e in tracer.dispatched_events)
+
+    async def scenario() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        async with Running(libvirt, FakeHostNetwork(host_state()), tracer=tracer):
+            await until(lambda: len(events(records, "synced")) == 2, "the first syncs")
+            assert libvirt.subscriptions == ["+u1"]  # before the first query
+            # net0's guest changes its filter non-stop for 1.5 s (libvirt re-arming it).
+            emitted, end = 0, loop.time() + 1.5
+            while loop.time() < end:
+                libvirt.emit(RxFilterChanged("u1", "d1", "net0", 0.0))
+                emitted += 1
+                await asyncio.sleep(0.003)
+            await until(lambda: bool(events(records, "filter events unmuted")), "calm")
+            assert "u1" in libvirt.subscribed
+        return emitted, delivered()
+
+    emitted, handed = asyncio.run(scenario())
+    assert handed < emitted / 2, (handed, emitted)
+    subscriptions = libvirt.subscriptions
+    assert subscriptions[0] == "+u1" and len(subscriptions) >= 3, subscriptions
+    assert subscriptions == ["+u1", "-u1"] * (len(subscriptions) // 2) + ["+u1"], subscriptions
+    [muted] = events(records, "filter events muted")
+    assert (muted["domain"], muted["alias"], muted["ifname"]) == ("d1", "net0", "mvt0")
+    assert len(events(records, "filter events unmuted")) == 1
+    # net1's own events would have gone unsent while muted: it is synced after each.
+    causes = [r["cause"] for r in events(records, "synced") if r["alias"] == "net1"]
+    assert causes.count("unmuted") == subscriptions.count("-u1"), causes

@@ -194,3 +194,111 @@ def test_set_rate_takes_effect_for_the_next_runs() -> None:
         return runs
 
     assert asyncio.run(scenario()) == 1
+
+
+class GuestNoise:
+    """A guest changing its filter non-stop: a kick every 5 ms, none while muted."""
+
+    def __init__(self) -> None:
+        self.trace: list[str] = []
+        self.held = False
+        self.was_held = asyncio.Event()
+
+    async def hold(self) -> None:
+        self.trace.append("hold")
+        self.held = True
+        self.was_held.set()
+
+    async def release(self) -> None:
+        if self.held:
+            self.trace.append("release")
+        self.held = False
+
+    def calm(self) -> None:
+        self.trace.append("calm")
+
+    async def make_noise(self, worker: CoalescingWorker, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            if not self.held:
+                worker.kick("event")
+            await asyncio.sleep(0.005)
+
+
+def test_a_noisy_follow_up_waits_muted_and_unmutes_before_its_run() -> None:
+    async def scenario() -> list[str]:
+        noise = GuestNoise()
+
+        async def job(cause: str) -> None:
+            assert not noise.held, "a run started with the events muted"
+            noise.trace.append("run")
+            await asyncio.sleep(0.01)  # a query round trip
+
+        worker = CoalescingWorker("nic", job, settle=0.02, settle_max=0.1, mute=noise)
+        await noise.make_noise(worker, 0.6)
+        await asyncio.sleep(0.3)  # the guest is quiet: the last follow-up and no more
+        await worker.stop()
+        return noise.trace
+
+    trace = asyncio.run(scenario())
+    # The first follow-up heard the noise for all of settle_max; then every follow-up
+    # waits muted and unmutes before it runs; the run after the noise ends it.
+    assert trace[:2] == ["run", "run"], trace
+    cycles = trace[2:-1]
+    assert cycles and cycles == ["hold", "release", "run"] * (len(cycles) // 3), trace
+    assert trace[-1] == "calm", trace
+
+
+def test_a_worker_stopped_while_muted_still_unmutes() -> None:
+    async def scenario() -> list[str]:
+        noise = GuestNoise()
+
+        async def job(cause: str) -> None:
+            await asyncio.sleep(0.01)
+
+        worker = CoalescingWorker("nic", job, settle=0.02, settle_max=0.1, mute=noise)
+        noisy = asyncio.get_running_loop().create_task(noise.make_noise(worker, 10.0))
+        await noise.was_held.wait()
+        await worker.stop()
+        noisy.cancel()
+        return noise.trace
+
+    assert asyncio.run(scenario())[-2:] == ["hold", "release"]
+
+
+def test_a_quiet_follow_up_never_mutes() -> None:
+    async def scenario() -> list[str]:
+        noise = GuestNoise()
+
+        async def job(cause: str) -> None:
+            noise.trace.append("run")
+            await asyncio.sleep(0.01)
+
+        worker = CoalescingWorker("nic", job, settle=0.02, settle_max=0.2, mute=noise)
+        for _ in range(3):  # bursts with pauses, as guest commands make them
+            await noise.make_noise(worker, 0.08)
+            await asyncio.sleep(0.1)
+        await worker.stop()
+        return noise.trace
+
+    assert set(asyncio.run(scenario())) == {"run"}
+
+
+def test_kicks_while_throttled_make_a_worker_noisy() -> None:
+    async def scenario() -> list[str]:
+        noise = GuestNoise()
+
+        async def job(cause: str) -> None:
+            noise.trace.append("run")  # instant: the kicks come while it waits for tokens
+
+        worker = CoalescingWorker("nic", job, rate=10.0, burst=1, settle=0.02, mute=noise)
+        await noise.make_noise(worker, 0.6)
+        await asyncio.sleep(0.3)
+        await worker.stop()
+        return noise.trace
+
+    trace = asyncio.run(scenario())
+    assert trace[0] == "run" and "hold" in trace and trace[-1] == "calm", trace
+    cycles = trace[trace.index("hold") : -1]
+    assert cycles == ["hold", "release", "run"] * (len(cycles) // 3), trace
