@@ -112,13 +112,7 @@ class NicMute:
     async def hold(self) -> None:
         if await self._domain_mute.hold(self) and not self._storm:
             self._storm = True
-            log.info(
-                "filter events muted",
-                domain=self.domain,
-                alias=self.alias,
-                ifname=self.ifname,
-                why="the guest changes its filter without pause: synced on a timer, not per event",
-            )
+            self._say("muted", "the guest changes its filter without pause: synced on a timer")
 
     async def release(self) -> None:
         await self._domain_mute.release(self)
@@ -126,10 +120,8 @@ class NicMute:
     def calm(self) -> None:
         if self._storm:
             self._storm = False
-            log.info(
-                "filter events unmuted",
-                domain=self.domain,
-                alias=self.alias,
-                ifname=self.ifname,
-                why="the guest paused",
-            )
+            self._say("unmuted", "the guest paused")
+
+    def _say(self, what: str, why: str) -> None:
+        fields = {"domain": self.domain, "alias": self.alias, "ifname": self.ifname}
+        log.info(f"filter events {what}", **fields, why=why)
