@@ -43,7 +43,7 @@ from rxfilterd.events import (
     RxFilterChanged,
 )
 from rxfilterd.libvirt_handler import unsupported
-from rxfilterd.ports import EventHandler, Tracer
+from rxfilterd.ports import EventHandler, LiveXml, Tracer
 
 __all__ = [
     "ConnectionLost",
@@ -108,6 +108,14 @@ QUERY_CONNECTIONS = 3
 
 # libvirt's domain handles by UUID (libvirt-python has no type hints: Any to mypy).
 DomainHandles = dict[str, "libvirt.virDomain"]
+
+
+@dataclass(frozen=True)
+class _Query:
+    uuid: str
+    alias: str
+    command: str
+    then_xml: bool
 
 
 @dataclass
@@ -458,6 +466,18 @@ class Hypervisor:
 
     async def query_rx_filter(self, uuid: str, alias: str) -> str:
         """The raw QMP reply to query-rx-filter for ALIAS (re-arms QEMU's event)."""
+        reply, _ = await self._query_rx_filter(uuid, alias, then_xml=False)
+        return reply
+
+    async def query_rx_filter_then_xml(self, uuid: str, alias: str) -> tuple[str, LiveXml]:
+        """query_rx_filter, then the domain's live XML read right after it in the same
+        pool call (no return to the loop between them): None if the domain is not
+        running any more, a HypervisorError if that read failed."""
+        return await self._query_rx_filter(uuid, alias, then_xml=True)
+
+    async def _query_rx_filter(
+        self, uuid: str, alias: str, *, then_xml: bool
+    ) -> tuple[str, LiveXml]:
         started = time.time() if self._tracer is not None else 0.0
         lock = self._domain_locks.setdefault(uuid, asyncio.Lock())
         command = json.dumps({"execute": "query-rx-filter", "arguments": {"name": alias}})
@@ -467,13 +487,19 @@ class Hypervisor:
                 self._events.holds.release(uuid, alias)
                 if not self._queries:  # a connection without subscriptions (explain)
                     return await self._call(
-                        self._monitor_command, self._conn, self._domains, uuid, alias, command
+                        self._monitor_command,
+                        self._conn,
+                        self._domains,
+                        _Query(uuid, alias, command, then_xml),
                     )
                 chosen = min(self._queries, key=lambda q: q.in_flight)
                 chosen.in_flight += 1
                 try:
                     return await self._call(
-                        self._monitor_command, chosen.conn, chosen.domains, uuid, alias, command
+                        self._monitor_command,
+                        chosen.conn,
+                        chosen.domains,
+                        _Query(uuid, alias, command, then_xml),
                     )
                 finally:
                     chosen.in_flight -= 1
@@ -482,18 +508,26 @@ class Hypervisor:
                 self._tracer.step("query", alias, started, time.time())
 
     def _monitor_command(
-        self, conn: Any, domains: DomainHandles, uuid: str, alias: str, command: str
-    ) -> str:
+        self, conn: Any, domains: DomainHandles, query: _Query
+    ) -> tuple[str, LiveXml]:
         # In a pool thread.
         started = time.time() if self._tracer is not None else 0.0
         try:
-            dom = domains.get(uuid)
+            dom = domains.get(query.uuid)
             if dom is None:
-                dom = domains[uuid] = conn.lookupByUUIDString(uuid)
-            return str(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
+                dom = domains[query.uuid] = conn.lookupByUUIDString(query.uuid)
+            reply = str(libvirt_qemu.qemuMonitorCommand(dom, query.command, 0))
         finally:
             if self._tracer is not None:
-                self._tracer.step("call", alias, started, time.time())
+                self._tracer.step("call", query.alias, started, time.time())
+        if not query.then_xml:
+            return reply, None
+        try:
+            return reply, str(dom.XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in _GONE_CODES:
+                return reply, None
+            return reply, HypervisorError(exc.get_error_message() or str(exc))
 
     def forget(self, uuid: str) -> None:
         if self._conn is not None:

@@ -25,7 +25,7 @@ from rxfilterd.inventory import NicReport, TrustResolver
 from rxfilterd.libvirt_handler import trust_changes_live
 from rxfilterd.nic import DomainXmlError, Nic, parse_domain_nics
 from rxfilterd.plan import Change, Plan, host_after, make_plan
-from rxfilterd.ports import DecisionSink, HostNetworkPort, HypervisorPort
+from rxfilterd.ports import DecisionSink, HostNetworkPort, HypervisorPort, LiveXml
 from rxfilterd.records import Decision, DecisionEvent, Level
 from rxfilterd.stats import Stats
 from rxfilterd.worker import CoalescingWorker
@@ -79,6 +79,9 @@ class _Attempt:
     applied: list[str] = field(default_factory=list)
     in_flight: str | None = None
     pending: list[str] = field(default_factory=list)
+    # Whether trust is re-read before writing, and the live XML read for it.
+    rechecks: bool = False
+    live_xml: LiveXml = None
 
     def decision(self, event: DecisionEvent, level: Level = "info") -> Decision:
         """A decision about this NIC; the caller adds what it is about."""
@@ -172,16 +175,18 @@ class NicSyncer:
         host_read = asyncio.ensure_future(self.network.read(ifname, quick=cause == "event"))
         host_read.add_done_callback(_consume)
         # Trust can change under a running NIC (libvirt >= 10.0 changes it live), and
-        # nothing announces it: every sync re-reads it once the query has answered,
-        # and writes only if the NIC's current XML still resolves to trusted. Not
-        # beside the query: libvirt 11 blocks XMLDesc while the domain's monitor is
-        # busy, so a hung domain would hold a second libvirtd call slot for nothing.
+        # nothing announces it: every sync re-reads the domain's XML once the query
+        # has answered, and writes only if the NIC still resolves to trusted. The read
+        # follows the query in the same pool call (a hand-over there and back less).
+        # Not beside the query: libvirt 11 blocks XMLDesc while the domain's monitor
+        # is busy, so a hung domain would hold a second libvirtd call slot for nothing.
         # Older libvirt keeps a running NIC's trust (update-device leaves it, a port's
         # is fixed at plug), and a stop, an unplug or a recreated link come as events
         # and fail apply's ifindex check: there the round trip would buy nothing.
         recheck: Callable[[], Awaitable[str]] = _nothing_changes_live
         if trust_changes_live(hypervisor.version):
-            recheck = functools.partial(_still_ours, hypervisor, trusts, nic, self.nics_of)
+            attempt.rechecks = True
+            recheck = functools.partial(_still_ours, trusts, attempt, self.nics_of)
         try:
             return await self._steps(attempt, host_read, recheck)
         except asyncio.CancelledError:
@@ -245,7 +250,12 @@ class NicSyncer:
         self.stats.queries += 1
         attempt.stage = "query"
         try:
-            reply = await attempt.hypervisor.query_rx_filter(synced.uuid, synced.alias)
+            if attempt.rechecks:
+                reply, attempt.live_xml = await attempt.hypervisor.query_rx_filter_then_xml(
+                    synced.uuid, synced.alias
+                )
+            else:
+                reply = await attempt.hypervisor.query_rx_filter(synced.uuid, synced.alias)
         except HypervisorError as exc:
             # A domain being destroyed fails the query with a monitor error before
             # libvirt calls it gone: not a failure of ours (its stop event cleans up).
@@ -414,14 +424,16 @@ def _plan(
 
 
 async def _still_ours(
-    hypervisor: HypervisorPort,
     trusts: TrustResolver,
-    nic: NicSync,
+    attempt: _Attempt,
     nics_of: Callable[[str, str, str], list[Nic]],
 ) -> str:
-    """Why NIC may not be written now ("" when it may): its current XML, resolved."""
-    synced = nic.report.nic
-    xml = await hypervisor.domain_xml(synced.uuid)
+    """Why the NIC may not be written now ("" when it may): the XML read after its
+    query, resolved."""
+    synced = attempt.nic.report.nic
+    xml = attempt.live_xml
+    if isinstance(xml, HypervisorError):
+        raise xml
     if xml is None:
         return "the domain is not running"
     try:

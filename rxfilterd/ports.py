@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
-from rxfilterd.events import HypervisorEvent, RunningDomain, RxFilterChanged
+from rxfilterd.events import HypervisorError, HypervisorEvent, RunningDomain, RxFilterChanged
 from rxfilterd.host_state import HostState
 from rxfilterd.plan import Change
 from rxfilterd.records import Decision, NicKey, NicState
@@ -18,6 +18,10 @@ from rxfilterd.stats import Stats
 
 # Where a connection hands its events (on the event loop's thread).
 EventHandler = Callable[[HypervisorEvent], None]
+
+# A domain's live XML as read right after a query: None if it is not running any
+# more, the error if the read failed (the query's answer stands either way).
+LiveXml = str | None | HypervisorError
 
 
 class TrustLookups(Protocol):
@@ -58,6 +62,9 @@ class HypervisorPort(TrustLookups, Protocol):
     async def domain_xml(self, uuid: str) -> str | None: ...
 
     async def query_rx_filter(self, uuid: str, alias: str) -> str: ...
+
+    async def query_rx_filter_then_xml(self, uuid: str, alias: str) -> tuple[str, LiveXml]:
+        """The query, then the domain's live XML read right after it in the same call."""
 
     def forget(self, uuid: str) -> None: ...
 

@@ -26,7 +26,7 @@ from rxfilterd.events import (
 )
 from rxfilterd.host_state import HostState, MacvtapError
 from rxfilterd.plan import Change, MacChange
-from rxfilterd.ports import EventHandler, Tracer, TraceStep
+from rxfilterd.ports import EventHandler, LiveXml, Tracer, TraceStep
 from rxfilterd.stats import Stats
 
 __all__ = [
@@ -68,8 +68,9 @@ class FakeLibvirt:
         # UUIDs looked up one by one (domain()), and forgotten, in order.
         self.looked_up: list[str] = []
         self.forgotten: list[str] = []
-        # Live XML reads of one domain (domain_xml()), in all.
+        # Live XML reads of one domain (domain_xml()), in all; `xml_error` fails them.
         self.xml_reads = 0
+        self.xml_error: HypervisorError | None = None
         # Domains whose filter events are subscribed (others' are not delivered), and
         # every subscribe ("+uuid") and unsubscribe ("-uuid") in order.
         self.subscribed: set[str] = set()
@@ -143,6 +144,8 @@ class FakeConnection:
 
     async def domain_xml(self, uuid: str) -> str | None:
         self.libvirt.xml_reads += 1
+        if self.libvirt.xml_error is not None:
+            raise self.libvirt.xml_error
         return self.libvirt.domains.get(uuid)
 
     async def network_xml(self, name: str) -> str | None:
@@ -158,6 +161,13 @@ class FakeConnection:
         if self.libvirt.error is not None:
             raise self.libvirt.error
         return self.libvirt.reply
+
+    async def query_rx_filter_then_xml(self, uuid: str, alias: str) -> tuple[str, LiveXml]:
+        reply = await self.query_rx_filter(uuid, alias)
+        try:
+            return reply, await self.domain_xml(uuid)
+        except HypervisorError as exc:
+            return reply, exc
 
     def forget(self, uuid: str) -> None:
         self.libvirt.forgotten.append(uuid)

@@ -550,6 +550,24 @@ def test_a_nic_whose_current_xml_is_not_trusted_gets_no_write(
     assert nic.result == f"stopped: {why}"
 
 
+def test_a_failed_trust_read_after_the_query_writes_nothing_and_is_retried(
+    records: list[dict[str, Any]],
+) -> None:
+    network = FakeHostNetwork(host_state())
+    libvirt = libvirt_with_d1(version=LIVE_TRUST)
+    libvirt.reply = reply(**{"main-mac": MAC1})
+    libvirt.xml_error = HypervisorError("cannot acquire state change lock")
+
+    async def scenario() -> str:
+        return await one_sync(network, libvirt).once(NicSync(nic_report()), "event")
+
+    assert asyncio.run(scenario()) == "retry"
+    assert network.applied == [] and libvirt.queries == 1
+    [failed] = events(records, "failed")
+    assert (failed["stage"], failed["reason"]) == ("trust", "libvirt")
+    assert "state change lock" in failed["error"]
+
+
 @pytest.mark.parametrize("version", [9_000_000, LIVE_TRUST])
 def test_a_trusted_nic_is_written_after_its_xml_is_read_again(version: int) -> None:
     # Only where trust can change live: on 9.0 the XML read would buy nothing.
