@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import libvirt
 
@@ -46,6 +47,13 @@ def other_rxfilterd(mine: Iterable[int] = ()) -> list[int]:
         if daemon and b"explain" not in argv and b"check-config" not in argv:
             found.append(int(entry.name))
     return found
+
+
+def run_libvirt_dir(uri: str) -> str:
+    """The libvirt's /run/libvirt: its socket's directory (the lab's libvirt 11.3 has
+    its own /run), else the host's."""
+    socket = parse_qs(urlsplit(uri).query).get("socket")
+    return str(Path(socket[0]).parent) if socket else "/run/libvirt"
 
 
 def machine() -> dict[str, Any]:
@@ -89,7 +97,10 @@ def machine() -> dict[str, Any]:
         # libvirt fsyncs a status file here on every monitor command: tmpfs or not
         # decides whether a query costs an fsync (see scripts/setup-host).
         "run_libvirt_fs": subprocess.run(
-            ["stat", "-f", "-c", "%T", "/run/libvirt"], capture_output=True, text=True, check=False
+            ["stat", "-f", "-c", "%T", run_libvirt_dir(current_libvirt().uri)],
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.strip(),
         "loadavg": loadavg(),
     }

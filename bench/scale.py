@@ -23,11 +23,11 @@ from typing import Any
 
 from bench.daemon import BenchDaemon
 from bench.figures import write_json
-from bench.machine import loadavg, other_rxfilterd
+from bench.machine import loadavg, other_rxfilterd, run_libvirt_dir
 from bench.process import proc_cpu_seconds, proc_status
 from bench.profiling import print_profile, profile_summary
 from bench.session import BenchSession, add_libvirt_argument
-from tests.support.guest import EthernetNic, Guest, prefix, prefixed
+from tests.support.guest import EthernetNic, Guest, current_libvirt, prefix, prefixed
 
 SYNC_EVENTS = {"synced", "in sync", "applied", "failed", "rejected"}
 
@@ -137,7 +137,7 @@ def run_memory(workdir: Path) -> dict[str, Any]:
 
 
 def qemu_rss_mib(domain: str) -> float | None:
-    pid_file = Path(f"/run/libvirt/qemu/{domain}.pid")  # the host's libvirt only
+    pid_file = Path(run_libvirt_dir(current_libvirt().uri)) / "qemu" / f"{domain}.pid"
     if not pid_file.exists():
         return None
     return round(proc_status(int(pid_file.read_text()))["VmRSS"] / 1024, 1)
