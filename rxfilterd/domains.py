@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from rxfilterd.config import Config
-from rxfilterd.filter_mute import DomainMute
+from rxfilterd.filter_mute import DomainMute, NicMute
 from rxfilterd.inventory import NicReport
 from rxfilterd.nic_sync import NicSync
 from rxfilterd.ports import HypervisorPort
@@ -113,10 +113,10 @@ class Domains:
         return domain.worker
 
     def _mute(self, domain: DomainSync) -> DomainMute:
-        def resync(alias: str, cause: str) -> None:
-            nic = domain.nics.get(alias)
-            if nic is not None and nic.worker is not None:
-                nic.worker.kick(cause)
+        def resync(holder: NicMute) -> None:
+            for nic in domain.nics.values():
+                if nic.worker is not None and nic.worker.mute is not holder:
+                    nic.worker.kick("unmuted")
 
         def refused() -> None:
             if domain.worker is not None:
@@ -126,7 +126,7 @@ class Domains:
             domain.uuid,
             subscribe=self._subscribe,
             unsubscribe=self._unsubscribe,
-            nics=lambda: list(domain.nics),
+            nics=lambda: len(domain.nics),
             resync=resync,
             refused=refused,
         )

@@ -39,12 +39,13 @@ class DomainMute:
         *,
         subscribe: Callable[[str], Awaitable[None]],
         unsubscribe: Callable[[str], Awaitable[None]],
-        nics: Callable[[], list[str]],
-        resync: Callable[[str, str], None],
+        nics: Callable[[], int],
+        resync: Callable[[NicMute], None],
         refused: Callable[[], None],
     ) -> None:
-        """NICS: the aliases synced now; RESYNC(alias, cause) kicks one of them;
-        REFUSED: subscribing again failed (the domain must be re-read)."""
+        """NICS: how many NICs are synced now; RESYNC(holder) kicks every one of them
+        but HOLDER's (cause "unmuted"); REFUSED: subscribing again failed (the domain
+        must be re-read)."""
         self.uuid = uuid
         self._subscribe = subscribe
         self._unsubscribe = unsubscribe
@@ -70,7 +71,7 @@ class DomainMute:
     async def hold(self, holder: NicMute) -> bool:
         """Mute for HOLDER; False if declined (dropped, or too many NICs)."""
         async with self._lock:
-            if self.closed or len(self._nics()) > MAX_NICS:
+            if self.closed or self._nics() > MAX_NICS:
                 return False
             first = not self._holders
             self._holders.add(holder)
@@ -93,10 +94,9 @@ class DomainMute:
                 log.warning("cannot subscribe again", uuid=self.uuid, error=str(exc))
                 self._refused()
                 return
-        # Their events since the mute went unsent; a query now answers them.
-        for alias in self._nics():
-            if alias != holder.alias:
-                self._resync(alias, "unmuted")
+        # Their events since the mute went unsent; a query now answers them. By worker,
+        # not alias: a NIC restarted under the same alias meanwhile is synced too.
+        self._resync(holder)
 
 
 class NicMute:

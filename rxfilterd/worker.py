@@ -38,7 +38,7 @@ class Mute(Protocol):
         """Let them come again; returns once they do. Harmless when not held."""
 
     def calm(self) -> None:
-        """The noise ended (a run nobody kicked during)."""
+        """The noise ended (no kick within `settle` after a run)."""
 
 
 class CoalescingWorker:
@@ -70,6 +70,10 @@ class CoalescingWorker:
         self._running = False
         self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
+
+    @property
+    def mute(self) -> Mute | None:
+        return self._mute
 
     def kick(self, cause: str, delay: float = 0.0) -> None:
         """Ask for a run (after DELAY seconds); CAUSE is what the run is told."""

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+from rxfilterd.config import Config
+from rxfilterd.domains import Domains, DomainSync
 from rxfilterd.events import HypervisorError
-from rxfilterd.filter_mute import MAX_NICS, DomainMute
+from rxfilterd.filter_mute import MAX_NICS, DomainMute, NicMute
+from rxfilterd.inventory import NicReport
+from rxfilterd.nic import Nic, Verdict
+from rxfilterd.nic_sync import NicSync
+from rxfilterd.sinks import Sinks
+from rxfilterd.stats import Stats
+from rxfilterd.trust import Trust
 
 
 class Libvirt:
@@ -32,12 +40,15 @@ class Libvirt:
         def refused() -> None:
             self.refused += 1
 
+        def resync(holder: NicMute) -> None:
+            self.kicked += [(alias, "unmuted") for alias in self.nics if alias != holder.alias]
+
         return DomainMute(
             "u1",
             subscribe=self.subscribe,
             unsubscribe=self.unsubscribe,
-            nics=lambda: list(self.nics),
-            resync=lambda alias, cause: self.kicked.append((alias, cause)),
+            nics=lambda: len(self.nics),
+            resync=resync,
             refused=refused,
         )
 
@@ -104,3 +115,69 @@ def test_a_dropped_domain_is_neither_muted_nor_subscribed_again() -> None:
         return libvirt
 
     assert asyncio.run(scenario()).calls == ["-u1"]
+
+
+def test_a_nic_restarted_under_the_same_alias_while_muted_is_synced_at_the_unmute() -> None:
+    # The holder's own worker runs next anyway; a new worker of its alias (the NIC
+    # re-surveyed, e.g. its device changed) queried while the domain was muted.
+    async def scenario() -> list[tuple[str, str]]:
+        runs: list[tuple[str, str]] = []
+        libvirt = Libvirt([])
+
+        async def nic_job(nic: NicSync, cause: str) -> None:
+            runs.append((nic.report.nic.ifname or "", cause))
+
+        async def domain_job(_domain: DomainSync, _cause: str) -> None:
+            pass
+
+        domains = Domains(
+            Sinks(),
+            Stats(),
+            domain_job=domain_job,
+            nic_job=nic_job,
+            settle=0.0,
+            subscribe=libvirt.subscribe,
+            unsubscribe=libvirt.unsubscribe,
+        )
+        domains.worker("u1", "d1")
+        domain = domains.by_uuid["u1"]
+        domains.update(
+            domain, "d1", [report("net0", "mvt0"), report("net1", "mvt1")], "start", Config()
+        )
+        await asyncio.sleep(0.01)
+        old = domain.nics["net0"].worker
+        assert old is not None and old.mute is not None
+        await old.mute.hold()
+        domains.update(
+            domain, "d1", [report("net0", "mvt9"), report("net1", "mvt1")], "trust", Config()
+        )
+        await asyncio.sleep(0.01)
+        runs.clear()
+        await old.mute.release()
+        await asyncio.sleep(0.01)
+        for uuid in list(domains.by_uuid):
+            task = domains.drop(uuid, "stopping", None)
+            if task is not None:
+                await task
+        return runs
+
+    assert sorted(asyncio.run(scenario())) == [("mvt1", "unmuted"), ("mvt9", "unmuted")]
+
+
+def report(alias: str, ifname: str) -> NicReport:
+    nic = Nic(
+        libvirt="host",
+        domain="d1",
+        uuid="u1",
+        alias=alias,
+        type="ethernet",
+        model="virtio",
+        ifname=ifname,
+        mac="52:54:00:00:00:01",
+        current_mac=None,
+        network=None,
+        portgroup=None,
+        portid=None,
+        trust_attr=True,
+    )
+    return NicReport(nic, Trust(True, "interface"), Verdict("sync", "trusted", False))
