@@ -20,14 +20,13 @@ from rxfilterd.daemon import Daemon
 from rxfilterd.events import DomainChanged, HypervisorError, RxFilterChanged
 from rxfilterd.host_state import HostState
 from rxfilterd.inventory import NicReport, TrustResolver
-from rxfilterd.nic import Nic, Verdict
 from rxfilterd.nic_sync import NicSync, NicSyncer, SyncOutcome
 from rxfilterd.reconciler import Timings
 from rxfilterd.sinks import Sinks
 from rxfilterd.stats import Stats
 from rxfilterd.testing import FakeHostNetwork, FakeLibvirt, RecordingTracer
-from rxfilterd.trust import Trust
 from tests.support.qmp import rx_filter_entry, rx_filter_reply
+from tests.support.reports import trusted_report
 
 MAC0 = "52:54:00:10:00:01"
 MAC1 = "52:54:00:10:00:02"
@@ -84,22 +83,7 @@ def libvirt_with_d1(*aliases: str, version: int = 9_000_000) -> FakeLibvirt:
 
 
 def nic_report(alias: str = "net0", domain: str = "d1", uuid: str = "u1") -> NicReport:
-    nic = Nic(
-        libvirt="host",
-        domain=domain,
-        uuid=uuid,
-        alias=alias,
-        type="ethernet",
-        model="virtio",
-        ifname="mvt0",
-        mac=MAC0,
-        current_mac=None,
-        network=None,
-        portgroup=None,
-        portid=None,
-        trust_attr=True,
-    )
-    return NicReport(nic, Trust(True, "interface"), Verdict("sync", "trusted", False))
+    return trusted_report(alias, domain=domain, uuid=uuid, mac=MAC0)
 
 
 @pytest.fixture

@@ -8,12 +8,10 @@ from rxfilterd.config import Config
 from rxfilterd.domains import Domains, DomainSync
 from rxfilterd.events import HypervisorError
 from rxfilterd.filter_mute import MAX_NICS, DomainMute, NicMute
-from rxfilterd.inventory import NicReport
-from rxfilterd.nic import Nic, Verdict
 from rxfilterd.nic_sync import NicSync
 from rxfilterd.sinks import Sinks
 from rxfilterd.stats import Stats
-from rxfilterd.trust import Trust
+from tests.support.reports import trusted_report
 
 
 class Libvirt:
@@ -142,14 +140,22 @@ def test_a_nic_restarted_under_the_same_alias_while_muted_is_synced_at_the_unmut
         domains.worker("u1", "d1")
         domain = domains.by_uuid["u1"]
         domains.update(
-            domain, "d1", [report("net0", "mvt0"), report("net1", "mvt1")], "start", Config()
+            domain,
+            "d1",
+            [trusted_report("net0", "mvt0"), trusted_report("net1", "mvt1")],
+            "start",
+            Config(),
         )
         await asyncio.sleep(0.01)
         old = domain.nics["net0"].worker
         assert old is not None and old.mute is not None
         await old.mute.hold()
         domains.update(
-            domain, "d1", [report("net0", "mvt9"), report("net1", "mvt1")], "trust", Config()
+            domain,
+            "d1",
+            [trusted_report("net0", "mvt9"), trusted_report("net1", "mvt1")],
+            "trust",
+            Config(),
         )
         await asyncio.sleep(0.01)
         runs.clear()
@@ -162,22 +168,3 @@ def test_a_nic_restarted_under_the_same_alias_while_muted_is_synced_at_the_unmut
         return runs
 
     assert sorted(asyncio.run(scenario())) == [("mvt1", "unmuted"), ("mvt9", "unmuted")]
-
-
-def report(alias: str, ifname: str) -> NicReport:
-    nic = Nic(
-        libvirt="host",
-        domain="d1",
-        uuid="u1",
-        alias=alias,
-        type="ethernet",
-        model="virtio",
-        ifname=ifname,
-        mac="52:54:00:00:00:01",
-        current_mac=None,
-        network=None,
-        portgroup=None,
-        portid=None,
-        trust_attr=True,
-    )
-    return NicReport(nic, Trust(True, "interface"), Verdict("sync", "trusted", False))
