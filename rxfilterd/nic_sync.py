@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -183,12 +182,9 @@ class NicSyncer:
         # Older libvirt keeps a running NIC's trust (update-device leaves it, a port's
         # is fixed at plug), and a stop, an unplug or a recreated link come as events
         # and fail apply's ifindex check: there the round trip would buy nothing.
-        recheck: Callable[[], Awaitable[str]] = _nothing_changes_live
-        if trust_changes_live(hypervisor.version):
-            attempt.rechecks = True
-            recheck = functools.partial(_still_ours, trusts, attempt, self.nics_of)
+        attempt.rechecks = trust_changes_live(hypervisor.version)
         try:
-            return await self._steps(attempt, host_read, recheck)
+            return await self._steps(attempt, host_read, trusts)
         except asyncio.CancelledError:
             _abandoned(self.decide, attempt, shutting_down())
             raise
@@ -199,24 +195,19 @@ class NicSyncer:
         self,
         attempt: _Attempt,
         host_read: asyncio.Future[HostState | None],
-        recheck: Callable[[], Awaitable[str]],
+        trusts: TrustResolver,
     ) -> SyncOutcome:
         guest = await self._query(attempt)
         if not isinstance(guest, GuestFilter):
             return guest
-        current = asyncio.ensure_future(recheck())
-        current.add_done_callback(_consume)
-        try:
-            return await self._checked(attempt, guest, host_read, current)
-        finally:
-            current.cancel()
+        return await self._checked(attempt, guest, host_read, trusts)
 
     async def _checked(
         self,
         attempt: _Attempt,
         guest: GuestFilter,
         host_read: asyncio.Future[HostState | None],
-        current: asyncio.Future[str],
+        trusts: TrustResolver,
     ) -> SyncOutcome:
         """Read the host and the NIC's trust, then plan and apply."""
         nic = attempt.nic
@@ -232,7 +223,7 @@ class NicSyncer:
         nic.host = host
         attempt.stage = "trust"
         try:
-            why_not = await current
+            why_not = await _still_ours(trusts, attempt, self.nics_of) if attempt.rechecks else ""
         except HypervisorError as exc:
             return self._failed(attempt, "trust", str(exc), "libvirt")
         if why_not:
@@ -447,10 +438,6 @@ async def _still_ours(
         return "the NIC's device changed"
     trust = await trusts.trust(found[0])
     return "" if trust.value else f"untrusted now ({trust.source})"
-
-
-async def _nothing_changes_live() -> str:
-    return ""
 
 
 def _device(nic: Nic) -> tuple[str | None, ...]:
