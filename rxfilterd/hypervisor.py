@@ -110,6 +110,14 @@ QUERY_CONNECTIONS = 3
 DomainHandles = dict[str, "libvirt.virDomain"]
 
 
+def _handle(conn: Any, domains: DomainHandles, uuid: str) -> Any:
+    """The domain's handle on CONN, looked up once and kept in DOMAINS (CONN's)."""
+    dom = domains.get(uuid)
+    if dom is None:
+        dom = domains[uuid] = conn.lookupByUUIDString(uuid)
+    return dom
+
+
 @dataclass(frozen=True)
 class _Query:
     uuid: str
@@ -185,13 +193,15 @@ class _Subscriptions:
     def subscribe(self, conn: Any, uuid: str, domains: DomainHandles) -> None:
         if uuid in self.filter_callbacks:
             return
-        dom = domains.get(uuid)
-        if dom is None:
-            dom = domains[uuid] = conn.lookupByUUIDString(uuid)
         # libvirtd filters by domain: an unsubscribed domain's events are never sent.
         self.filter_callbacks[uuid] = int(
             libvirt_qemu.qemuMonitorEventRegister(
-                conn, dom, "NIC_RX_FILTER_CHANGED", self._qemu_event, None, 0
+                conn,
+                _handle(conn, domains, uuid),
+                "NIC_RX_FILTER_CHANGED",
+                self._qemu_event,
+                None,
+                0,
             )
         )
 
@@ -286,7 +296,6 @@ class _Subscriptions:
         for callback_id in self._domain_callbacks:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(callback_id)
-        self.filter_callbacks.clear()
         self._domain_callbacks = []
 
 
@@ -438,10 +447,7 @@ class Hypervisor:
             raise
 
     def _domain_xml(self, uuid: str) -> str:
-        dom = self._domains.get(uuid)
-        if dom is None:
-            dom = self._domains[uuid] = self._conn.lookupByUUIDString(uuid)
-        return str(dom.XMLDesc(0))
+        return str(_handle(self._conn, self._domains, uuid).XMLDesc(0))
 
     async def network_xml(self, name: str) -> str | None:
         try:
@@ -485,21 +491,14 @@ class Hypervisor:
             async with lock:
                 # Events from here on are handed over: this query may not answer them.
                 self._events.holds.release(uuid, alias)
+                query = _Query(uuid, alias, command, then_xml)
                 if not self._queries:  # a connection without subscriptions (explain)
-                    return await self._call(
-                        self._monitor_command,
-                        self._conn,
-                        self._domains,
-                        _Query(uuid, alias, command, then_xml),
-                    )
+                    return await self._call(self._monitor_command, self._conn, self._domains, query)
                 chosen = min(self._queries, key=lambda q: q.in_flight)
                 chosen.in_flight += 1
                 try:
                     return await self._call(
-                        self._monitor_command,
-                        chosen.conn,
-                        chosen.domains,
-                        _Query(uuid, alias, command, then_xml),
+                        self._monitor_command, chosen.conn, chosen.domains, query
                     )
                 finally:
                     chosen.in_flight -= 1
@@ -513,9 +512,7 @@ class Hypervisor:
         # In a pool thread.
         started = time.time() if self._tracer is not None else 0.0
         try:
-            dom = domains.get(query.uuid)
-            if dom is None:
-                dom = domains[query.uuid] = conn.lookupByUUIDString(query.uuid)
+            dom = _handle(conn, domains, query.uuid)
             reply = str(libvirt_qemu.qemuMonitorCommand(dom, query.command, 0))
         finally:
             if self._tracer is not None:
