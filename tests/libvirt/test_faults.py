@@ -364,6 +364,8 @@ def test_drift_by_hand_is_put_back_and_logged(
         wait_until(lambda: not promisc(b.name), 6, "promiscuous put back")
         ip("link", "set", b.name, "address", "52:54:00:30:60:66")
         wait_until(lambda: host_mac(b.name) == mac, 6, "MAC put back")
+        # The MAC is back a moment before the sync that wrote it logs its line.
+        wait_line(daemon, "applied", domain=guest.name, alias="net1", field="mac")
         drift = lines(daemon, "drift", domain=guest.name, alias="net1")
     assert [d["fields"] for d in drift] == [["promiscuous"], ["mac"]]
     assert drift[0]["found"] == {"promiscuous": True}
