@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -352,8 +353,12 @@ class NicSyncer:
 
 
 class ParsedNics:
-    """The NICs of the last live XML seen per domain: parsed again only when it changed
-    (each write's trust re-check reads it; most of the time it is the same text)."""
+    """The NICs of the last live XML seen per domain, for the trust re-check: parsed
+    again only when it changed (each write's re-check reads it).
+
+    libvirt >= 11 notes a trusted NIC's guest MAC in the XML (currentAddress), so every
+    MAC change gives new text; the re-check reads no MAC, so that attribute neither
+    counts as a change nor is kept (current_mac is None in what this returns)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
@@ -362,16 +367,23 @@ class ParsedNics:
     def __call__(self, libvirt: str, uuid: str, xml: str) -> list[Nic]:
         """The NICs in domain UUID's live XML (from LIBVIRT); DomainXmlError if unreadable."""
         key = (libvirt, uuid)
+        text = _CURRENT_MAC.sub("", xml) if "currentAddress" in xml else xml
         kept = self._parsed.get(key)
-        if kept is not None and kept[0] == xml:
+        if kept is not None and kept[0] == text:
             self._parsed.move_to_end(key)
             return kept[1]
-        nics = parse_domain_nics(xml, libvirt)  # DomainXmlError: nothing kept
-        self._parsed[key] = (xml, nics)
+        parsed = parse_domain_nics(xml, libvirt)  # DomainXmlError: nothing kept
+        nics = [replace(n, current_mac=None) if n.current_mac else n for n in parsed]
+        self._parsed[key] = (text, nics)
         self._parsed.move_to_end(key)
         if len(self._parsed) > self._size:
             self._parsed.popitem(last=False)
         return nics
+
+
+# How libvirt writes it (virXMLFormatElement quotes attributes with '); another
+# spelling only costs a parse.
+_CURRENT_MAC = re.compile(r" currentAddress='[^']*'")
 
 
 def _abandoned(decide: DecisionSink, attempt: _Attempt, shutting_down: bool) -> None:

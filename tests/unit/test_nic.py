@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from rxfilterd.nic import Nic, classify, parse_domain_nics
@@ -101,7 +103,7 @@ def test_a_syncer_parses_a_domains_xml_again_only_when_it_changed() -> None:
     syncer = NicSyncer(FakeHostNetwork(), Stats(), Sinks().decide)
     uuid = "6f1b2c55-0000-4000-8000-000000000001"
     first = syncer.nics_of("host", uuid, LIVE_XML)
-    assert first == parse_domain_nics(LIVE_XML, "host")
+    assert first == [replace(n, current_mac=None) for n in parse_domain_nics(LIVE_XML, "host")]
     assert syncer.nics_of("host", uuid, str(LIVE_XML)) is first  # equal text: kept
     # The same domain UUID on another libvirt (a pod's) is another domain.
     assert syncer.nics_of("pod-a", uuid, LIVE_XML)[0].libvirt == "pod-a"
@@ -112,3 +114,20 @@ def test_a_syncer_parses_a_domains_xml_again_only_when_it_changed() -> None:
     for n in range(PARSED_DOMAINS):
         syncer.nics_of("host", f"other-{n}", LIVE_XML)
     assert syncer.nics_of("host", uuid, changed) is not again
+
+
+def test_a_syncer_reparses_no_xml_that_only_notes_the_guests_new_mac() -> None:
+    syncer = NicSyncer(FakeHostNetwork(), Stats(), Sinks().decide)
+    uuid = "6f1b2c55-0000-4000-8000-000000000001"
+    first = syncer.nics_of("host", uuid, LIVE_XML)
+    # libvirt >= 11 rewrites currentAddress on each guest MAC change: the same NICs.
+    moved = LIVE_XML.replace(
+        "currentAddress='52:54:00:aa:00:02'", "currentAddress='52:54:00:aa:00:09'"
+    )
+    assert moved != LIVE_XML
+    assert syncer.nics_of("host", uuid, moved) is first
+    # What is kept says nothing of the guest's MAC, rather than an old one.
+    assert all(n.current_mac is None for n in first)
+    # Anything else in the tag still counts.
+    other = moved.replace("address='52:54:00:00:00:02' ", "address='52:54:00:00:00:03' ")
+    assert other != moved and syncer.nics_of("host", uuid, other) is not first
