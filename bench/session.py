@@ -19,15 +19,14 @@ import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from bench.machine import RcuMode, machine
 from bench.monitors import EventMonitor, LinkMonitor
 from bench.naming import check_prefix, out_dir, require_stack
 from bench.profiling import py_spy
 from tests.support.guest import HOST_LIBVIRT, Resources, cleanup_leftovers, use_libvirt
-from tests.support.libvirtd import LabLibvirtd
-from tests.support.libvirts import LABELS, libvirt_problem, session_lab
+from tests.support.libvirts import LABELS, running_libvirt
 
 
 def add_libvirt_argument(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +63,7 @@ class BenchSession:
             raise ValueError(f"libvirt {libvirt!r}: not one of {', '.join(LABELS)}")
         self.name = name
         self.libvirt = libvirt
-        self._lab: LabLibvirtd | None = None
+        self._libvirt = contextlib.ExitStack()
         self._given = out
         self._want_events = events
         self._want_links = links
@@ -120,14 +119,7 @@ class BenchSession:
         return self
 
     def _use_libvirt(self) -> None:
-        problem = libvirt_problem(self.libvirt)
-        if problem is not None:
-            raise SystemExit(f"libvirt {self.libvirt}: {problem}")
-        self._lab = session_lab(self.libvirt)
-        if self._lab is not None:
-            self._lab.close()  # what an interrupted run left
-            self._lab.start()
-            use_libvirt(self._lab.target(self.libvirt))
+        use_libvirt(self._libvirt.enter_context(running_libvirt(self.libvirt, _refuse)))
 
     def __exit__(
         self,
@@ -150,6 +142,9 @@ class BenchSession:
                 self._events.close()
             if self._links is not None:
                 self._links.close()
-            if self._lab is not None:
-                self._lab.close()
-                use_libvirt(HOST_LIBVIRT)
+            self._libvirt.close()
+            use_libvirt(HOST_LIBVIRT)
+
+
+def _refuse(why: str) -> NoReturn:
+    raise SystemExit(why)

@@ -26,13 +26,7 @@ from tests.support.guest import (
     skip_or_fail,
     use_libvirt,
 )
-from tests.support.libvirts import (
-    LABELS,
-    host_version,
-    libvirt_problem,
-    session_lab,
-    version_problem,
-)
+from tests.support.libvirts import LABELS, running_libvirt
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -62,26 +56,8 @@ def package_builds(debian_roots: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session", params=LABELS, ids=[f"libvirt-{v}" for v in LABELS])
 def libvirt_under_test(request: pytest.FixtureRequest) -> Iterator[LibvirtTarget]:
     """Each libvirt in turn; the helpers and daemon configs point at it meanwhile."""
-    label: str = request.param
-    found = libvirt_problem(label)
-    if found is not None:
-        skip_or_fail(f"libvirt {label}: {found}")
-    lab = session_lab(label)
-    if lab is None:
-        found = version_problem(label, host_version())
-        if found is not None:
-            skip_or_fail(found)
-        yield HOST_LIBVIRT
-        return
-    lab.close()  # what an interrupted run left
-    try:
-        lab.start()
-        found = version_problem(label, lab.version())
-        if found is not None:
-            skip_or_fail(found)
-        yield lab.target(label)
-    finally:
-        lab.close()
+    with running_libvirt(request.param, skip_or_fail) as target:
+        yield target
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,12 @@ a libvirt that did not run it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
-from tests.support.guest import HOST_LIBVIRT, connect, prefix, stack_problem
+from tests.support.guest import HOST_LIBVIRT, LibvirtTarget, connect, prefix, stack_problem
 from tests.support.libvirt_root import RootLibvirtd, root_problem
 from tests.support.libvirtd import LabLibvirtd, PrivateLibvirtd
 
@@ -47,6 +50,32 @@ def host_version() -> tuple[int, int, int]:
 def session_lab(label: str) -> LabLibvirtd | None:
     """The daemon a session starts for LABEL (None: the host's own serves it)."""
     return RootLibvirtd() if label == "11.3" else None
+
+
+@contextlib.contextmanager
+def running_libvirt(label: str, refuse: Callable[[str], NoReturn]) -> Iterator[LibvirtTarget]:
+    """The libvirt LABEL for the block: the host's, or a lab daemon started for it (after
+    clearing what an interrupted run left) and stopped after. REFUSE(why) when it cannot
+    run here or reports another version than LABEL."""
+    found = libvirt_problem(label)
+    if found is not None:
+        refuse(f"libvirt {label}: {found}")
+    lab = session_lab(label)
+    if lab is None:
+        found = version_problem(label, host_version())
+        if found is not None:
+            refuse(found)
+        yield HOST_LIBVIRT
+        return
+    lab.close()
+    try:
+        lab.start()
+        found = version_problem(label, lab.version())
+        if found is not None:
+            refuse(found)
+        yield lab.target(label)
+    finally:
+        lab.close()
 
 
 def private_libvirtd(label: str) -> LabLibvirtd:
