@@ -131,3 +131,9 @@ def test_a_syncer_reparses_no_xml_that_only_notes_the_guests_new_mac() -> None:
     # Anything else in the tag still counts.
     other = moved.replace("address='52:54:00:00:00:02' ", "address='52:54:00:00:00:03' ")
     assert other != moved and syncer.nics_of("host", uuid, other) is not first
+    # A revocation in the same breath as a MAC change is read: what the cache is for.
+    revoked = moved.replace(
+        "<interface type='ethernet'>", "<interface type='ethernet' trustGuestRxFilters='no'>"
+    ).replace("currentAddress='52:54:00:aa:00:09'", "currentAddress='52:54:00:aa:00:0a'")
+    assert revoked != moved
+    assert syncer.nics_of("host", uuid, revoked)[1].trust_attr is False
