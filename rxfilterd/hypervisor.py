@@ -64,6 +64,13 @@ _GONE_CODES = {
     getattr(libvirt, "VIR_ERR_NO_NETWORK_PORT", -1),
 }
 
+
+def _error(exc: libvirt.libvirtError) -> HypervisorError:
+    """EXC as the rest of rxfilterd sees it: its message, and whether the thing is gone."""
+    gone = exc.get_error_code() in _GONE_CODES
+    return HypervisorError(exc.get_error_message() or str(exc), gone=gone)
+
+
 # A migrated-in or restored domain arrives as STARTED then RESUMED (detail "migrated"
 # or "restored"): its guest state, rx filter included, came with it and QEMU emits no
 # rx-filter event for it, so both re-read the domain and sync every NIC.
@@ -334,8 +341,7 @@ class Hypervisor:
         try:
             return await loop.run_in_executor(pool or self._pool, fn, *args)
         except libvirt.libvirtError as exc:
-            gone = exc.get_error_code() in _GONE_CODES
-            raise HypervisorError(exc.get_error_message() or str(exc), gone=gone) from None
+            raise _error(exc) from None
 
     async def connect(self) -> None:
         """Open the connection and subscribe to the events rxfilterd needs."""
@@ -522,9 +528,8 @@ class Hypervisor:
         try:
             return reply, str(dom.XMLDesc(0))
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() in _GONE_CODES:
-                return reply, None
-            return reply, HypervisorError(exc.get_error_message() or str(exc))
+            error = _error(exc)
+            return reply, None if error.gone else error
 
     def forget(self, uuid: str) -> None:
         if self._conn is not None:
