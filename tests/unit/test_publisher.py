@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -116,13 +115,12 @@ def test_sinks_never_wait_and_events_past_the_queue_are_dropped() -> None:
     # What reaches the broker (the last state per NIC, the frozen state at shutdown) is
     # tested against mosquitto in tests/mqtt/test_publisher_broker.py.
     publisher = Publisher(MqttSettings(client_id="hv1", queue_size=10))
-    started = time.monotonic()
+    # No broker and no running publisher: a sink that waited for room would hang here.
     for i in range(1000):
         publisher.decision(
             Decision(libvirt="host", event="applied", domain="d", alias="net0", ifname=None)
         )
         publisher.nic_state(("host", "d", "net0"), NicState(ROW, result=f"ok {i}"))
-    assert time.monotonic() - started < 1
     assert len(publisher.events) == 10 and publisher.events.dropped == 990
 
 

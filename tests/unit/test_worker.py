@@ -136,7 +136,9 @@ def test_stop_cancels_a_run_that_outlives_the_grace() -> None:
         return cancelled, loop.time() - began
 
     cancelled, took = asyncio.run(scenario())
-    assert cancelled and 0.1 <= took < 0.5
+    # The grace is waited out, then the run is cancelled (a stuck run that was not
+    # would hang this test): the upper bound only tells the two apart.
+    assert cancelled and 0.1 <= took < 5
 
 
 def test_stop_drops_a_pending_retry() -> None:
