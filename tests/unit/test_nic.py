@@ -137,3 +137,7 @@ def test_a_syncer_reparses_no_xml_that_only_notes_the_guests_new_mac() -> None:
     ).replace("currentAddress='52:54:00:aa:00:09'", "currentAddress='52:54:00:aa:00:0a'")
     assert revoked != moved
     assert syncer.nics_of("host", uuid, revoked)[1].trust_attr is False
+    # XML's other spelling of an attribute is no guest MAC kept either.
+    quoted = revoked.replace("currentAddress='52:54:00:aa:00:0a'", 'currentAddress="x"')
+    assert quoted != revoked
+    assert all(n.current_mac is None for n in syncer.nics_of("pod-a", uuid, quoted))
